@@ -58,6 +58,8 @@ class ModelFamily(ABC):
     image_modes: tuple[str, ...]
     #: Mode used when the config says ``image_mode: default``.
     default_image_mode: str
+    #: The model's forward accepts ``logits_to_keep`` (positions tensor) and ``shift_labels``.
+    supports_logits_to_keep: bool = False
 
     @abstractmethod
     def load_tokenizer(self, name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:

@@ -1,0 +1,142 @@
+"""Shared evaluation machinery: exact corpus NLL and fast batched greedy generation.
+
+Used by ``eval_ppl.py``, ``eval_cer.py`` and the CER-during-training hook of ``train_lora.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from collator.deepseek_ocr import IGNORE_INDEX, DeepSeekOCRDataCollator
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def corpus_nll(model, collator: DeepSeekOCRDataCollator, records: Sequence, batch_size: int,
+               device: torch.device, progress: bool = False) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) over every target token, and the number of target tokens.
+
+    Perplexity = exp(total / tokens). Each batch's loss is computed as a *sum* (``num_items_in_batch`` =
+    the batch's target count turns HF's mean into sum / count, which we multiply back), so the result
+    does not depend on batch size or padding — averaging per-batch means would.
+    """
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    sums = []
+    for start in tqdm(range(0, len(records), batch_size), desc="nll", disable=not progress):
+        batch = collator(list(records[start:start + batch_size]))
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = _to_device(batch, device)
+        out = model(**batch, use_cache=False, num_items_in_batch=torch.tensor(n, device=device))
+        sums.append(out.loss.detach().float() * n)  # kept on device: one sync at the end
+        tokens += n
+    if sums:
+        total = float(torch.stack(sums).sum())
+    model.train(was_training)
+    return total, tokens
+
+
+def perplexity_from(total_nll: float, tokens: int) -> float:
+    """exp(total NLL / target tokens); refuses an empty corpus instead of returning nan."""
+    if tokens <= 0:
+        raise ValueError("perplexity over zero target tokens is undefined: the evaluation split is empty")
+    return math.exp(total_nll / tokens)
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy decoding settings shared by every evaluation."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    no_repeat_ngram_size: int = 20  # the official guard against repetition loops; 0 = off
+
+
+def max_new_tokens_for(tokenizer, references: Sequence[str], configured: int | None) -> int:
+    """``configured`` if set, else twice the longest reference in tokens plus EOS slack.
+
+    Sized from the data so a short-line benchmark does not pay for 8,192 steps, while still leaving
+    room to *see* over-generation and loops (they are error kinds we report, not hide).
+    """
+    if configured is not None:
+        return int(configured)
+    longest = max((len(tokenizer.encode(r, add_special_tokens=False)) for r in references), default=0)
+    return 2 * longest + 8
+
+
+def decode_continuations(tokenizer, sequences: torch.Tensor, prompt_width: int) -> list[str]:
+    """Text after the prompt, cut at the first EOS, pad removed, stripped (as the official ``infer``).
+
+    Special tokens other than EOS/PAD are kept so that a prompt echo (``<image>``, ``<|grounding|>``)
+    shows up in the predictions and the error-kind metrics instead of vanishing.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts = []
+    for row in sequences[:, prompt_width:].tolist():
+        if eos in row:
+            row = row[: row.index(eos)]
+        row = [t for t in row if t != pad]
+        texts.append(tokenizer.decode(row, skip_special_tokens=False).strip())
+    return texts
+
+
+@torch.no_grad()
+def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence, settings: GenerationSettings,
+                     device: torch.device, progress: bool = True) -> list[dict]:
+    """Greedy transcription of ``records`` in left-padded batches with a KV cache.
+
+    Records are sorted by prompt length (image-slot count varies with the image) so batches carry little
+    padding; results come back in input order. Deterministic: greedy, no sampling.
+
+    Returns:
+        One dict per record: ``id``, ``reference``, ``hypothesis``, ``new_tokens``.
+    """
+    # Skipped (bad) records were already counted and logged by the dataset; score the rest.
+    records = [r for r in records if r is not None]
+    was_training = model.training
+    model.eval()
+    tokenizer = collator.tokenizer
+    gen_collator = DeepSeekOCRDataCollator(
+        tokenizer=tokenizer, family=collator.family, image_processor=collator.image_processor,
+        image_token_id=collator.image_token_id, train=False, max_length=collator.max_length,
+    )
+    # Encode once to know each prompt's length; pixels are recomputed per batch (cheap next to the model).
+    order = sorted(range(len(records)), key=lambda i: _prompt_len(gen_collator, records[i]))
+    results: list[dict | None] = [None] * len(records)
+    for start in tqdm(range(0, len(order), settings.batch_size), desc="generate", disable=not progress):
+        idx = order[start:start + settings.batch_size]
+        batch, ids, refs = gen_collator.generation_batch([records[i] for i in idx])
+        width = batch["input_ids"].shape[1]
+        batch = _to_device(batch, device)
+        out = model.generate(
+            **batch, do_sample=False, num_beams=1, max_new_tokens=settings.max_new_tokens,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+        hyps = decode_continuations(tokenizer, out.cpu(), width)
+        new_tokens = (out[:, width:] != tokenizer.pad_token_id).sum(1).tolist()
+        for i, rid, ref, hyp, n in zip(idx, ids, refs, hyps, new_tokens):
+            results[i] = {"id": rid, "reference": ref, "hypothesis": hyp, "new_tokens": int(n)}
+    model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _prompt_len(collator: DeepSeekOCRDataCollator, record) -> int:
+    if record is None:
+        return 0
+    images = record["messages"][0].get("images") or []
+    if not images:
+        return 0
+    proc = collator.image_processor
+    if hasattr(proc, "num_image_tokens"):  # v1 knows the count from the size alone
+        return proc.num_image_tokens(*images[0].size)
+    return images[0].size[0] * 10_000 + images[0].size[1]  # a stable proxy: similar sizes together

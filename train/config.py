@@ -1,0 +1,306 @@
+"""Run configuration: one YAML file fully describes a run, ``key=value`` arguments refine it.
+
+    python train/train_lora.py --config configs/v1_lora_zh.yaml training.learning_rate=5e-5 lora.r=32
+
+The schema below is the single source of types, defaults and documentation. Loading is strict: an
+unknown or misspelled key, a wrong type or a missing required value fails before any model or data is
+touched, and all problems are reported at once with the valid alternatives. The ``training:`` block is
+passed verbatim to ``transformers.TrainingArguments`` (which validates its own field names), so this
+file never keeps a drifting copy of HF's options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_FILE_NAME = "run_config.yaml"
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message lists every problem and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    family: str = MISSING  # deepseek_ocr_v1 | deepseek_ocr2 (train/models/__init__.py)
+    name_or_path: str = MISSING  # hub id (deepseek-ai/DeepSeek-OCR) or a local checkpoint folder
+    revision: str | None = None  # hub revision (branch, tag or commit) for reproducible runs
+    dtype: str = "auto"  # auto = bfloat16 on a bf16-capable GPU, float32 on CPU | float32 | bfloat16
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    train_vision: bool = False  # v1 only: unfreeze SAM/CLIP/projector (they are frozen by default)
+
+
+@dataclass
+class LoraSettings:
+    """PEFT LoRA adapter on the language model only (the family restricts the targets)."""
+
+    r: int = 16  # rank: capacity vs memory
+    alpha: int = 16  # scaling = alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+
+@dataclass
+class DataConfig:
+    """Where the text-line images and their labels come from (formats: data/loader.py)."""
+
+    dataset: str = MISSING  # hub id, local parquet folder, JSONL manifest or image folder
+    train_split: str = "train"
+    eval_split: str = "val"  # priyank-m/chinese_text_recognition calls it "val", not "validation"
+    column_map: dict[str, str] = field(default_factory=dict)  # e.g. {image: img, text: label}
+    image_root: str | None = None  # base folder for relative image paths in manifests
+    max_train_samples: int | None = None  # for debugging: first N rows
+    max_eval_samples: int | None = None
+    on_bad_record: str = "error"  # error: stop at the first bad record | skip: count, log, continue
+    max_label_chars: int = 512  # longer labels are bad records (they would not fit the context)
+
+
+@dataclass
+class CollatorConfig:
+    """How a record becomes model input (collator/deepseek_ocr.py)."""
+
+    image_mode: str = "default"  # family's modes (v1: tiny|small|base|large|gundam); default = family's
+    instruction: str = "<image>\nFree OCR."  # the official OCR prompt; must contain <image> once
+
+
+@dataclass
+class EvalSettings:
+    """Generation and metrics for eval_cer.py, eval_ppl.py and CER during training."""
+
+    split: str = "test"  # split scored by eval_cer.py / eval_ppl.py
+    max_samples: int | None = None  # None = whole split
+    batch_size: int = 16  # lines per generate() call (left-padded)
+    max_new_tokens: int | None = None  # None = sized from the data: longest reference (tokens) * 2 + 8
+    no_repeat_ngram_size: int = 20  # the official repetition guard (0 disables)
+    train_cer_samples: int = 64  # fixed eval-split subset scored with CER at each eval_steps (0 = off)
+    nfkc: bool = True  # normalised CER: NFKC (full/half width, ￥ -> ¥)
+    remove_whitespace: bool = True  # normalised CER: drop all whitespace
+    lowercase: bool = False  # normalised CER: lower-case (FudanVI does)
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run. Every field is documented above; ``training`` goes to TrainingArguments."""
+
+    output_dir: str = MISSING  # run folder: checkpoints, logs, resolved config, metrics
+    seed: int = 42
+    resume_from_checkpoint: str | None = None  # null | latest | path/to/checkpoint-N
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    collator: CollatorConfig = field(default_factory=CollatorConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    training: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments fields
+
+
+# TrainingArguments fields this schema owns: setting them under training: would be ambiguous.
+_OWNED_TRAINING_KEYS = {
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "resume_from_checkpoint": "resume_from_checkpoint",
+    "remove_unused_columns": "(always False: the collator needs the raw records)",
+}
+
+
+def _unknown_keys(raw: Any, schema: type, prefix: str = "") -> list[str]:
+    """Every key of ``raw`` that ``schema`` does not define, with the valid keys and a close match."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        return problems
+    by_name = {f.name: f for f in fields(schema)}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in by_name:
+            hint = difflib.get_close_matches(str(key), by_name, n=1)
+            problems.append(
+                f"unknown key '{path}'"
+                + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
+                + f"; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(by_name)}"
+            )
+            continue
+        sub = by_name[key].default_factory if by_name[key].default_factory is not MISSING else None
+        sub_type = type(sub()) if callable(sub) else None
+        if sub_type is not None and is_dataclass(sub_type) and isinstance(value, dict):
+            problems.extend(_unknown_keys(value, sub_type, prefix=f"{path}."))
+    return problems
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    """``a.b=1`` strings to a nested dict, values parsed as YAML (so 1e-4, null, [a, b] work)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            raise ConfigError(
+                f"cannot parse argument {item!r}: use key=value, e.g. training.learning_rate=1e-4 "
+                "(only --config takes a flag)"
+            )
+        key, value = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key below a non-mapping value")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return nested
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config, apply ``key=value`` overrides and validate everything up front.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key=value`` strings (``training.*`` keys go to TrainingArguments).
+
+    Returns:
+        A typed ``RunConfig`` (an OmegaConf structured config: attribute access, types enforced).
+
+    Raises:
+        ConfigError: Listing every unknown key, wrong type, missing value and invalid choice together.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist. To fix: pass --config configs/<name>.yaml")
+    with path.open(encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = _deep_merge(raw, _parse_overrides(list(overrides or [])))
+
+    problems = _unknown_keys(raw, RunConfig)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(raw))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as e:  # wrong type, e.g. lora.r=eight
+        raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e}".strip()) from None
+    if missing:
+        raise ConfigError(f"{path}: required keys without a value: {', '.join(missing)}")
+    validate(cfg, source=str(path))
+    return cfg  # type: ignore[return-value]
+
+
+def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
+    """Check choices and cross-field rules that types alone cannot express; report all together."""
+    from train.models import FAMILY_NAMES  # light: no model code is imported
+
+    problems = []
+    if cfg.model.family not in FAMILY_NAMES:
+        problems.append(f"model.family {cfg.model.family!r} is not one of {', '.join(FAMILY_NAMES)}")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"model.dtype {cfg.model.dtype!r} is not one of auto, float32, bfloat16")
+    if cfg.model.attn_implementation not in ("sdpa", "eager"):
+        problems.append(f"model.attn_implementation {cfg.model.attn_implementation!r} is not one of sdpa, eager")
+    if cfg.data.on_bad_record not in ("error", "skip"):
+        problems.append(f"data.on_bad_record {cfg.data.on_bad_record!r} is not one of error, skip")
+    if cfg.collator.instruction.count("<image>") != 1:
+        problems.append(
+            f"collator.instruction {cfg.collator.instruction!r} must contain '<image>' exactly once "
+            "(the official prompt is '<image>\\nFree OCR.')"
+        )
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
+        problems.append(f"lora.r ({cfg.lora.r}) and lora.alpha ({cfg.lora.alpha}) must be positive")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        problems.append(f"lora.dropout {cfg.lora.dropout} must be in [0, 1)")
+    if cfg.eval.batch_size <= 0:
+        problems.append(f"eval.batch_size {cfg.eval.batch_size} must be positive")
+    resume = cfg.resume_from_checkpoint
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        problems.append(
+            f"resume_from_checkpoint {resume!r} is not a folder; use null, latest or a path to checkpoint-N"
+        )
+    for key, owner in _OWNED_TRAINING_KEYS.items():
+        if key in cfg.training:
+            problems.append(f"training.{key} is not allowed here; it is set by {owner}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def training_arguments(cfg: RunConfig, **extra: Any):
+    """Build ``transformers.TrainingArguments`` from ``cfg.training`` (verbatim) plus the owned fields.
+
+    Done before any model loads so that a misspelled ``training.*`` key fails in seconds.
+    """
+    from transformers import TrainingArguments
+
+    kwargs = dict(OmegaConf.to_container(cfg.training, resolve=True)) if not isinstance(cfg.training, dict) else dict(cfg.training)
+    valid = {f.name for f in fields(TrainingArguments)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        hints = [
+            f"'training.{k}'" + (f" (did you mean 'training.{m[0]}'?)" if (m := difflib.get_close_matches(k, valid, n=1)) else "")
+            for k in unknown
+        ]
+        raise ConfigError(
+            f"unknown TrainingArguments field(s): {', '.join(hints)}. Valid names: see "
+            "transformers.TrainingArguments (e.g. learning_rate, per_device_train_batch_size, save_steps)"
+        )
+    kwargs.update(output_dir=cfg.output_dir, seed=cfg.seed, remove_unused_columns=False, **extra)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"training: {e}") from None
+
+
+def save_config(cfg: RunConfig, folder: str | Path) -> Path:
+    """Write the resolved config as ``run_config.yaml`` into ``folder`` (run dir or checkpoint)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / CONFIG_FILE_NAME
+    out.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    return out
+
+
+def load_saved_config(folder: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load the config saved in a run folder or checkpoint (the checkpoint is self-describing)."""
+    return load_config(Path(folder) / CONFIG_FILE_NAME, overrides)
+
+
+def parse_cli(argv: list[str] | None = None) -> RunConfig:
+    """``--config FILE key=value ...`` to a validated ``RunConfig``; exits with a message on error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, overrides = None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise SystemExit("error: --config needs a file, e.g. --config configs/tiny_cpu.yaml")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            raise SystemExit(__doc__)
+        else:
+            overrides.append(arg)
+        i += 1
+    if config_path is None:
+        raise SystemExit("error: --config FILE is required, e.g. --config configs/tiny_cpu.yaml")
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -1,0 +1,132 @@
+"""LoRA fine-tuning of DeepSeek-OCR (v1 native, or OCR-2) on text-line images.
+
+    python train/train_lora.py --config configs/v1_lora_zh.yaml                      # the seed recipe
+    python train/train_lora.py --config configs/tiny_cpu.yaml training.max_steps=20  # CPU demo
+    python train/train_lora.py --config configs/v1_lora_zh.yaml resume_from_checkpoint=latest
+
+The YAML fully describes the run (train/config.py documents every key); ``key=value`` refines it.
+The resolved config is saved in the run folder and in every checkpoint, so
+``python eval/eval_cer.py --ckpt runs/x/checkpoint-500`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from collator.deepseek_ocr import DeepSeekOCRDataCollator
+from data.convert import ConversationDataset
+from data.loader import load_split
+from train.config import RunConfig, parse_cli, save_config, training_arguments
+from train.loading import add_lora, load_base
+from train.trainer import OCRTrainer, SaveRunConfigCallback, peak_memory_gib, resolve_resume
+
+log = logging.getLogger("train_lora")
+
+
+def setup_logging(output_dir: Path) -> None:
+    """One line per event on the console and the same in ``output_dir/train.log``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(output_dir / "train.log", encoding="utf-8")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+def build_datasets(cfg: RunConfig, output_dir: Path):
+    """Train and eval splits as conversation datasets; bad records follow ``data.on_bad_record``."""
+    d = cfg.data
+    common = dict(column_map=dict(d.column_map), image_root=d.image_root)
+    skipped_log = output_dir / "skipped_records.jsonl" if d.on_bad_record == "skip" else None
+    wrap = dict(instruction=cfg.collator.instruction, on_bad_record=d.on_bad_record,
+                skipped_log=skipped_log, max_label_chars=d.max_label_chars)
+    train = ConversationDataset(load_split(d.dataset, d.train_split, max_samples=d.max_train_samples, **common), **wrap)
+    evalset = ConversationDataset(load_split(d.dataset, d.eval_split, max_samples=d.max_eval_samples, **common), **wrap)
+    return train, evalset
+
+
+def main(cfg: RunConfig) -> dict:
+    """Run one fine-tuning job described by ``cfg``; returns the final metrics."""
+    # ---------------------------------------------------------------- config and run folder
+    args = training_arguments(cfg)  # before any model loads: a bad training.* key fails in seconds
+    output_dir = Path(cfg.output_dir)
+    setup_logging(output_dir)
+    save_config(cfg, output_dir)
+    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    log.info("run folder %s; resume from %s", output_dir, resume or "nothing (fresh run)")
+
+    # ---------------------------------------------------------------- model + LoRA
+    loaded = load_base(cfg, args.device)
+    family, tokenizer = loaded.family, loaded.tokenizer
+    base_model = loaded.model
+    trainable = add_lora(loaded)
+    model = loaded.model
+    if args.gradient_checkpointing:
+        # Frozen embeddings give the checkpointed blocks inputs without grad; PEFT's hook fixes that.
+        model.enable_input_require_grads()
+    model.config.use_cache = False  # the cache is useless (and costs memory) when training
+
+    # ---------------------------------------------------------------- data and collator
+    train_ds, eval_ds = build_datasets(cfg, output_dir)
+    image_mode = family.default_image_mode if cfg.collator.image_mode == "default" else cfg.collator.image_mode
+    collator = DeepSeekOCRDataCollator(
+        tokenizer=tokenizer, family=family, image_processor=family.image_processor(base_model, image_mode),
+        image_token_id=family.image_token_id(base_model),
+        supervised_logits_only=family.supports_logits_to_keep,
+    )
+    n_cer = min(cfg.eval.train_cer_samples, len(eval_ds))
+    cer_records = [eval_ds[i] for i in range(n_cer)]  # fixed: the first rows of the eval split
+    world = max(args.world_size, 1)
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    example = train_ds[0]
+    slots = collator.encode_record(example)["image"].num_image_tokens if example else "?"
+    log.info("family %s, image mode %s: %s image tokens for the first training line", family.name, image_mode, slots)
+    log.info("train %d lines, eval %d lines (CER on the first %d); effective batch %d = %d x %d accum x %d devices; "
+             "%.1f optimizer steps per epoch; trainable parameters %s",
+             len(train_ds), len(eval_ds), n_cer, effective_batch, args.per_device_train_batch_size,
+             args.gradient_accumulation_steps, world, len(train_ds) / effective_batch, f"{trainable:,}")
+
+    # ---------------------------------------------------------------- trainer
+    trainer = OCRTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        callbacks=[SaveRunConfigCallback(cfg)], run_cfg=cfg, cer_records=cer_records,
+    )
+    before = None
+    if resume is None and args.eval_strategy != "no":
+        before = trainer.evaluate(metric_key_prefix="eval_before")  # the base model's starting point
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.perf_counter() - start
+
+    # ---------------------------------------------------------------- save and report
+    final_dir = output_dir / "final"
+    trainer.save_model(str(final_dir))
+    save_config(cfg, final_dir)
+    metrics = dict(train_result.metrics)
+    metrics["train_wall_s"] = round(elapsed, 2)
+    metrics["skipped_records"] = collator.num_skipped
+    if (peak := peak_memory_gib(args.device)) is not None:
+        metrics["peak_gpu_gib"] = round(peak, 2)
+    if args.eval_strategy != "no":
+        after = trainer.evaluate(metric_key_prefix="eval")
+        metrics.update(after)
+        if before:
+            metrics.update(before)
+            log.info("CER before %.4f -> after %.4f; perplexity %.3f -> %.3f",
+                     before.get("eval_before_cer", float("nan")), after.get("eval_cer", float("nan")),
+                     before["eval_before_perplexity"], after["eval_perplexity"])
+    if trainer.state.best_model_checkpoint:
+        metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    trainer.save_metrics("all", metrics)
+    if collator.num_skipped:
+        log.warning("%d bad records were skipped; see %s", collator.num_skipped, output_dir / "skipped_records.jsonl")
+    log.info("final adapter in %s; metrics %s", final_dir, json.dumps(metrics, default=str))
+    return metrics
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main(parse_cli())
