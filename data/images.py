@@ -226,6 +226,13 @@ def open_image(obj: Any, *, record_id: str, limits: ImageLimits | None = None) -
     limits = limits or DEFAULT_LIMITS
     if isinstance(obj, Image.Image):
         im, where = obj, f"<PIL {obj.mode} {obj.size[0]}x{obj.size[1]}>"
+        _check_size(im, record_id, where, limits)
+        try:
+            im.load()  # a lazily opened PIL image (datasets.Image()) may still be truncated
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadRecordError(
+                record_id, "corrupt_image", f"image {where} cannot be decoded ({e}); re-export it."
+            ) from e
     else:
         src, where = _source(obj, record_id)
         if ImageFile.LOAD_TRUNCATED_IMAGES:

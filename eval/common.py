@@ -5,7 +5,6 @@ Used by ``eval_ppl.py``, ``eval_cer.py`` and the CER-during-training hook of ``t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,13 +42,6 @@ def corpus_nll(model, collator: DeepSeekOCRDataCollator, records: Sequence, batc
         total = float(torch.stack(sums).sum())
     model.train(was_training)
     return total, tokens
-
-
-def perplexity_from(total_nll: float, tokens: int) -> float:
-    """exp(total NLL / target tokens); refuses an empty corpus instead of returning nan."""
-    if tokens <= 0:
-        raise ValueError("perplexity over zero target tokens is undefined: the evaluation split is empty")
-    return math.exp(total_nll / tokens)
 
 
 @dataclass

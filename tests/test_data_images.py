@@ -116,6 +116,12 @@ def test_corrupt_and_truncated():
     bad(jpg[: len(jpg) // 2], "corrupt_image")
 
 
+def test_lazy_truncated_pil_image():
+    data = encode(Image.effect_noise((200, 50), 50).convert("RGB"), "PNG")
+    lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # what a lazy decoder hands over
+    bad(lazy, "corrupt_image", "truncated")
+
+
 def test_empty_and_missing(tmp_path):
     bad(b"", "empty_image_file", "0 bytes")
     f = tmp_path / "zero.png"

@@ -12,6 +12,7 @@ file never keeps a drifting copy of HF's options.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -23,6 +24,22 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_FILE_NAME = "run_config.yaml"
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 needs ``1.0e-4``; a string lr breaks AdamW)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.\d*|\.\d+)$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -38,7 +55,7 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit) for reproducible runs
     dtype: str = "auto"  # auto = bfloat16 on a bf16-capable GPU, float32 on CPU | float32 | bfloat16
     attn_implementation: str = "sdpa"  # sdpa | eager
-    train_vision: bool = False  # v1 only: unfreeze SAM/CLIP/projector (they are frozen by default)
+    train_vision: bool = False  # also train the vision towers + projector in full (frozen by default)
 
 
 @dataclass
@@ -152,7 +169,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a key below a non-mapping value")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        node[parts[-1]] = _yaml_load(value) if value != "" else ""
     return nested
 
 
@@ -183,7 +200,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist. To fix: pass --config configs/<name>.yaml")
     with path.open(encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+        raw = _yaml_load(f.read()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw = _deep_merge(raw, _parse_overrides(list(overrides or [])))
@@ -258,6 +275,7 @@ def training_arguments(cfg: RunConfig, **extra: Any):
             "transformers.TrainingArguments (e.g. learning_rate, per_device_train_batch_size, save_steps)"
         )
     kwargs.update(output_dir=cfg.output_dir, seed=cfg.seed, remove_unused_columns=False, **extra)
+
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
@@ -274,8 +292,12 @@ def save_config(cfg: RunConfig, folder: str | Path) -> Path:
 
 
 def load_saved_config(folder: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load the config saved in a run folder or checkpoint (the checkpoint is self-describing)."""
-    return load_config(Path(folder) / CONFIG_FILE_NAME, overrides)
+    """Load the config saved in a run folder or checkpoint (the checkpoint is self-describing).
+
+    ``resume_from_checkpoint`` is reset to null: evaluation never resumes, and the path it named when
+    training may be gone.
+    """
+    return load_config(Path(folder) / CONFIG_FILE_NAME, ["resume_from_checkpoint=null", *(overrides or [])])
 
 
 def parse_cli(argv: list[str] | None = None) -> RunConfig:

@@ -55,10 +55,8 @@ def load_base(cfg: RunConfig, device: torch.device | None = None) -> Loaded:
     model = family.load_model(
         cfg.model.name_or_path, cfg.model.revision, dtype=dtype, attn_implementation=cfg.model.attn_implementation
     )
-    if cfg.model.train_vision:
-        if not hasattr(model, "set_vision_trainable"):
-            raise ValueError(f"model.train_vision is not supported by family {family.name!r}; set it to false")
-        model.set_vision_trainable(True)
+    if cfg.model.train_vision and not family.vision_module_names:
+        raise ValueError(f"model.train_vision is not supported by family {family.name!r}; set it to false")
     return Loaded(cfg=cfg, family=family, tokenizer=tokenizer, model=model)
 
 
@@ -68,7 +66,10 @@ def add_lora(loaded: Loaded) -> int:
 
     lora = loaded.cfg.lora
     targets = loaded.family.lora_targets(loaded.model, list(lora.target_modules))
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", **targets)
+    # Vision unfrozen on request: trained in full and saved inside the adapter folder (modules_to_save),
+    # so a checkpoint stays self-contained; frozen (the seed's recipe) by default.
+    extra = {"modules_to_save": list(loaded.family.vision_module_names)} if loaded.cfg.model.train_vision else {}
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", **targets, **extra)
     loaded.model = get_peft_model(loaded.model, peft_config)
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in loaded.model.parameters())

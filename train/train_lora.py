@@ -17,14 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from collator.deepseek_ocr import DeepSeekOCRDataCollator
-from data.convert import ConversationDataset
-from data.loader import load_split
 from train.config import RunConfig, parse_cli, save_config, training_arguments
-from train.loading import add_lora, load_base
-from train.trainer import OCRTrainer, SaveRunConfigCallback, peak_memory_gib, resolve_resume
 
 log = logging.getLogger("train_lora")
 
@@ -38,6 +31,9 @@ def setup_logging(output_dir: Path) -> None:
 
 def build_datasets(cfg: RunConfig, output_dir: Path):
     """Train and eval splits as conversation datasets; bad records follow ``data.on_bad_record``."""
+    from data.convert import ConversationDataset
+    from data.loader import load_split
+
     d = cfg.data
     common = dict(column_map=dict(d.column_map), image_root=d.image_root)
     skipped_log = output_dir / "skipped_records.jsonl" if d.on_bad_record == "skip" else None
@@ -50,6 +46,11 @@ def build_datasets(cfg: RunConfig, output_dir: Path):
 
 def main(cfg: RunConfig) -> dict:
     """Run one fine-tuning job described by ``cfg``; returns the final metrics."""
+    # Heavy imports (torch, transformers, datasets) only after the config parsed: a typo fails at once.
+    from collator.deepseek_ocr import DeepSeekOCRDataCollator
+    from train.loading import add_lora, load_base
+    from train.trainer import OCRTrainer, SaveRunConfigCallback, peak_memory_gib, resolve_resume
+
     # ---------------------------------------------------------------- config and run folder
     args = training_arguments(cfg)  # before any model loads: a bad training.* key fails in seconds
     output_dir = Path(cfg.output_dir)
@@ -128,5 +129,4 @@ def main(cfg: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     main(parse_cli())

@@ -16,7 +16,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from collator.deepseek_ocr import DeepSeekOCRDataCollator
-from eval.common import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for, perplexity_from
+from eval.common import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for
+from eval.metrics import perplexity
 from train.config import RunConfig, save_config
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class OCRTrainer(Trainer):
         total, tokens = corpus_nll(self.model, collator, records, self.args.per_device_eval_batch_size, device)
         metrics = {
             f"{metric_key_prefix}_loss": total / max(tokens, 1),
-            f"{metric_key_prefix}_perplexity": perplexity_from(total, tokens),
+            f"{metric_key_prefix}_perplexity": perplexity(total, tokens),
             f"{metric_key_prefix}_target_tokens": tokens,
         }
         if self.cer_records:

@@ -60,6 +60,9 @@ class ModelFamily(ABC):
     default_image_mode: str
     #: The model's forward accepts ``logits_to_keep`` (positions tensor) and ``shift_labels``.
     supports_logits_to_keep: bool = False
+    #: Module names (PEFT ``modules_to_save`` patterns) of the vision towers + projector, trained in
+    #: full and saved with the adapter when ``model.train_vision`` is true.
+    vision_module_names: tuple[str, ...] = ()
 
     @abstractmethod
     def load_tokenizer(self, name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
@@ -96,3 +99,19 @@ class ModelFamily(ABC):
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """Write a tiny random-weight model of this family, with the real offline tokenizer, to ``out_dir``
         so that ``load_model(out_dir)`` and ``load_tokenizer(out_dir)`` load it like a hub checkpoint."""
+
+
+def scale_tiny_output_head(model, row_norm: float = 4.0, seed: int = 0) -> None:
+    """Give a tiny random model's ``lm_head`` the logit range of a trained one.
+
+    With the default init (std 0.02) and a RMS-normalised hidden state of norm sqrt(H) = 8, no logit can
+    exceed ~1.3, so no adapter can make one token beat 129,279 others: LoRA-only training of a tiny
+    random model would plateau near log(vocab). Rows of norm ``row_norm`` allow margins of tens of
+    nats, as in a real checkpoint, while everything else stays random.
+    """
+    import torch
+
+    head = model.get_output_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.copy_(torch.randn(head.shape, generator=g) * (row_norm / head.shape[1] ** 0.5))

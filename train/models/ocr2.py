@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .base import ImageInputs, ImageProcessor, ModelFamily
+from .base import ImageInputs, ImageProcessor, ModelFamily, scale_tiny_output_head
 from .tokenizer import build_offline_tokenizer, load_tokenizer
 
 # Image modes: (crop_to_patches, global side). "gundam" is the official OCR-2 setting (global view at
@@ -70,6 +70,7 @@ class DeepseekOCR2Family(ModelFamily):
     image_modes = OCR2_MODES
     default_image_mode = "gundam"
     supports_logits_to_keep = True
+    vision_module_names = ("vision_tower", "multi_modal_projector")
 
     def load_tokenizer(self, name_or_path: str, revision: str | None = None):
         """Load the checkpoint's tokenizer with byte-level ids intact (see ``tokenizer.load_tokenizer``)."""
@@ -160,6 +161,7 @@ class DeepseekOCR2Family(ModelFamily):
         )
         torch.manual_seed(seed)
         model = DeepseekOcr2ForConditionalGeneration(config).float()
+        scale_tiny_output_head(model, seed=seed)
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)

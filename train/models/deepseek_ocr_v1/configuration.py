@@ -225,6 +225,8 @@ class DeepseekOCRConfig(PreTrainedConfig):
                 config_dict[key] = value
         # The official class wrote model_type "DeepseekOCR"; the hub file says deepseek_vl_v2. Both are ours.
         config_dict.pop("model_type", None)
+        # auto_map points at the hub's remote-code files; a folder we save has none, and we never need them.
+        config_dict.pop("auto_map", None)
         return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from train.models.base import ImageInputs, ModelFamily
+from train.models.base import ImageInputs, ModelFamily, scale_tiny_output_head
 
 from .configuration import DeepseekOCRConfig
 from .modeling import DeepseekOCRForCausalLM
@@ -58,6 +58,9 @@ class DeepseekOCRv1Family(ModelFamily):
     name = "deepseek_ocr_v1"
     image_modes = ("tiny", "small", "base", "large", "gundam")
     default_image_mode = "gundam"
+    # SAM, CLIP and the projector (image_newline / view_seperator are bare Parameters: they stay frozen
+    # under PEFT; the model's own set_vision_trainable covers them outside PEFT).
+    vision_module_names = ("sam_model", "vision_model", "projector")
 
     def load_tokenizer(self, name_or_path: str, revision: str | None = None):
         """Load the checkpoint's tokenizer (``train.models.tokenizer.load_tokenizer``)."""
@@ -153,6 +156,7 @@ class DeepseekOCRv1Family(ModelFamily):
         out_dir = Path(out_dir)
         torch.manual_seed(seed)
         model = DeepseekOCRForCausalLM(tiny_config())
+        scale_tiny_output_head(model, seed=seed)
         model.save_pretrained(out_dir)
         build_offline_tokenizer().save_pretrained(out_dir)
 

@@ -678,6 +678,15 @@ class DeepseekOCRModel(DeepseekOCRPreTrainedModel):
                 raise ValueError("pixel_values given without images_spatial_crop")
             features = self.get_image_features(pixel_values, pixel_values_local, images_spatial_crop)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, features)
+        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            # Prefill without pixels: slots would silently keep the <image> token embedding. Decode steps
+            # (non-empty cache) carry no slots and skip this one-number sync.
+            n_slots = int((input_ids == self.config.image_token_id).sum())
+            if n_slots:
+                raise ValueError(
+                    f"input_ids contain {n_slots} image slots (token {self.config.image_token_id}) but "
+                    "pixel_values is None; pass the images (pixel_values, images_spatial_crop)"
+                )
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -830,7 +839,7 @@ class DeepseekOCRForCausalLM(DeepseekOCRPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
@@ -851,7 +860,8 @@ class DeepseekOCRForCausalLM(DeepseekOCRPreTrainedModel, GenerationMixin):
             use_cache: Return a KV cache (``config.use_cache`` by default; use ``False`` for training).
             output_hidden_states: Return (layer-0 input, each layer's output..., final-norm output).
             return_dict: Return a ``DeepseekOCRCausalLMOutput`` (default) or a tuple.
-            logits_to_keep: When logits are computed: only the last ``k`` positions (0 = all).
+            logits_to_keep: When logits are computed: only the last ``k`` positions (0 = all), or a 1-D
+                tensor of positions. It never affects the loss, which always uses all labelled positions.
             return_logits: Compute ``logits``. Default: only when ``labels`` is ``None`` (with labels the
                 loss is computed from the supervised positions alone and ``logits`` is ``None``).
             num_items_in_batch: Supervised-token count of the whole accumulated batch (HF ``Trainer``); the
@@ -886,7 +896,10 @@ class DeepseekOCRForCausalLM(DeepseekOCRPreTrainedModel, GenerationMixin):
             return_logits = labels is None
         logits = None
         if return_logits:
-            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            if torch.is_tensor(logits_to_keep):  # explicit positions (1-D), as transformers accepts
+                kept = hidden[:, logits_to_keep.to(hidden.device)]
+            else:
+                kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(kept).float()
 
         if not return_dict:

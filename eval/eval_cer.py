@@ -1,0 +1,206 @@
+"""Character error rate of one or several models on a split, with batched greedy generation.
+
+    python eval/eval_cer.py --ckpt runs/v1_lora_zh/checkpoint-1500            # self-describing checkpoint
+    python eval/eval_cer.py --ckpt deepseek-ai/DeepSeek-OCR --config configs/v1_lora_zh.yaml   # base model
+    python eval/eval_cer.py --ckpt BASE --ckpt runs/x/checkpoint-500 --ckpt runs/x/final \\
+        --config configs/tiny_cpu.yaml --out runs/compare                     # comparison report
+    python eval/eval_cer.py --ckpt runs/x/final --peer tesseract --peer rapidocr   # + peer engines
+
+A ``--ckpt`` is a LoRA checkpoint of this pipeline (its ``run_config.yaml`` says everything) or a base
+model id/folder (then ``--config`` supplies data and eval settings). With several, every model is
+scored on the same lines: data and eval settings come from ``--config`` or else the first checkpoint.
+``key=value`` arguments override those settings (e.g. ``eval.max_samples=200 eval.batch_size=32``).
+
+Writes per model ``<out>/<name>/metrics.json`` (CER raw and normalised, line accuracy, NED, S/D/I,
+per-line CER mean/median, error kinds, confusion pairs, counts, speed) and ``predictions.jsonl``
+(id, reference, hypothesis, edits, error kinds), and with several models ``<out>/report.md`` + PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("eval_cer")
+
+
+def parse_args(argv: list[str] | None = None):
+    """``--ckpt`` (repeatable), ``--config``, ``--out``, ``--peer`` and ``key=value`` overrides."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder or base model (repeatable)")
+    p.add_argument("--config", help="run config for base models / shared data settings")
+    p.add_argument("--out", help="output folder (default: <ckpt>/eval-<split> for one checkpoint)")
+    p.add_argument("--name", action="append", help="display name per --ckpt (default: folder names)")
+    p.add_argument("--peer", action="append", default=[], choices=["tesseract", "rapidocr"],
+                   help="also score a peer OCR engine on the same lines (optional extra)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.max_samples=200")
+    args = p.parse_args(argv)
+    if args.name and len(args.name) != len(args.ckpt):
+        p.error(f"--name given {len(args.name)} times for {len(args.ckpt)} --ckpt")
+    return args
+
+
+def _display_names(ckpts: list[str], names: list[str] | None) -> list[str]:
+    if names:
+        return names
+    out = []
+    for c in ckpts:
+        parts = Path(c).parts
+        out.append("_".join(parts[-2:]) if len(parts) >= 2 and parts[-1].startswith(("checkpoint-", "final")) else parts[-1])
+    seen: dict[str, int] = {}
+    for i, n in enumerate(out):  # make names unique: they are folder names
+        if n in seen:
+            out[i] = f"{n}_{i}"
+        seen[n] = i
+    return out
+
+
+def load_records(cfg):
+    """The evaluation split as conversation records (bad records per ``data.on_bad_record``)."""
+    from data.convert import ConversationDataset
+    from data.loader import load_split
+
+    d = cfg.data
+    ds = load_split(d.dataset, cfg.eval.split, column_map=dict(d.column_map), image_root=d.image_root,
+                    max_samples=cfg.eval.max_samples)
+    conv = ConversationDataset(ds, instruction=cfg.collator.instruction, on_bad_record=d.on_bad_record,
+                               max_label_chars=d.max_label_chars)
+    records = [conv[i] for i in range(len(conv))]
+    kept = [r for r in records if r is not None]
+    if len(kept) < len(records):
+        log.warning("%d bad records skipped (data.on_bad_record=skip): %s", len(records) - len(kept), conv.skipped_reasons)
+    return kept
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, UTF-8, Chinese kept readable."""
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def score_and_write(name: str, preds: list[dict], cfg, out_dir: Path, extra: dict) -> tuple[dict, list[dict]]:
+    """Score predictions, write ``metrics.json`` + ``predictions.jsonl``; return (corpus, per-line)."""
+    from eval.metrics import NormalizeConfig, score_lines
+
+    ev = cfg.eval
+    corpus, per_line = score_lines(
+        [p["reference"] for p in preds], [p["hypothesis"] for p in preds],
+        normalize_cfg=NormalizeConfig(nfkc=ev.nfkc, remove_whitespace=ev.remove_whitespace, lowercase=ev.lowercase),
+        prompt_phrases=(cfg.collator.instruction,),
+    )
+    for p, line in zip(preds, per_line):
+        line["id"] = p["id"]
+        if "new_tokens" in p:
+            line["new_tokens"] = p["new_tokens"]
+    corpus.update(extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_jsonl(out_dir / "predictions.jsonl", [{"id": pl["id"], **{k: v for k, v in pl.items() if k != "id"}} for pl in per_line])
+    print(f"{name}: CER {corpus['cer_raw']:.4f} (norm {corpus['cer_norm']:.4f}), line acc {corpus['line_acc_raw']:.4f}, "
+          f"NED {corpus['ned_norm']:.4f}, {corpus['n_lines']} lines, loops {corpus['error_kinds']['repetition_loop']}, "
+          f"{extra.get('lines_per_s', 0):.1f} lines/s -> {out_dir}")
+    return corpus, per_line
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate every ``--ckpt`` on the same lines; returns ``{name: corpus metrics}``."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from train.config import ConfigError, load_config, load_saved_config
+    from train.loading import is_checkpoint
+
+    # ------------------------------------------------ the shared data/eval settings
+    try:
+        if args.config:
+            shared = load_config(args.config, args.overrides)
+        elif is_checkpoint(args.ckpt[0]):
+            shared = load_saved_config(args.ckpt[0], args.overrides)
+        else:
+            raise SystemExit(
+                f"error: --ckpt {args.ckpt[0]!r} is not a checkpoint of this pipeline (no adapter_config.json + "
+                "run_config.yaml; a half-written or foreign folder, or a base model). For a base model pass "
+                "--config FILE too; for a run folder pass one of its checkpoint-N folders."
+            )
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    for c in args.ckpt:
+        if not Path(c).exists() and "/" in c and c.count("/") > 1:
+            raise SystemExit(f"error: --ckpt {c!r} does not exist (neither a folder nor a hub id)")
+
+    import torch
+
+    from collator.deepseek_ocr import DeepSeekOCRDataCollator
+    from eval.common import GenerationSettings, generate_batched, max_new_tokens_for
+    from train.loading import default_device, load_for_eval
+
+    device = default_device()
+    records = load_records(shared)
+    if not records:
+        raise SystemExit(f"error: split {shared.eval.split!r} of {shared.data.dataset!r} has no usable records")
+    names = _display_names(args.ckpt, args.name)
+    if args.out:
+        out_root = Path(args.out)
+    elif len(args.ckpt) == 1 and is_checkpoint(args.ckpt[0]):
+        out_root = Path(args.ckpt[0]) / f"eval-{shared.eval.split}"
+    else:
+        out_root = Path("runs") / "eval" / "_vs_".join(names)
+    single = len(args.ckpt) == 1 and not args.peer
+
+    results = []
+    for ckpt, name in zip(args.ckpt, names):
+        # ---------------------------------------------- model: one shared loading path
+        base_cfg = None if is_checkpoint(ckpt) else load_config(args.config, args.overrides) if args.config else None
+        loaded = load_for_eval(ckpt, cfg=base_cfg, overrides=args.overrides, device=device)
+        cfg = loaded.cfg
+        family, model = loaded.family, loaded.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        mode = family.default_image_mode if cfg.collator.image_mode == "default" else cfg.collator.image_mode
+        collator = DeepSeekOCRDataCollator(
+            tokenizer=loaded.tokenizer, family=family, image_processor=family.image_processor(base, mode),
+            image_token_id=family.image_token_id(base), train=False,
+        )
+        ev = shared.eval
+        settings = GenerationSettings(
+            batch_size=ev.batch_size, no_repeat_ngram_size=ev.no_repeat_ngram_size,
+            max_new_tokens=max_new_tokens_for(loaded.tokenizer, [r["messages"][1]["content"] for r in records], ev.max_new_tokens),
+        )
+        # ---------------------------------------------- generate and score
+        start = time.perf_counter()
+        preds = generate_batched(model, collator, records, settings, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        extra = {"name": name, "ckpt": str(ckpt), "family": family.name, "image_mode": mode,
+                 "split": ev.split, "dataset": shared.data.dataset, "batch_size": settings.batch_size,
+                 "max_new_tokens": settings.max_new_tokens, "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+                 "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds, "device": str(device)}
+        out_dir = out_root if single else out_root / name
+        corpus, per_line = score_and_write(name, preds, shared, out_dir, extra)
+        results.append((name, corpus, per_line))
+        del loaded, model, base
+    # ---------------------------------------------- peers on the same lines (optional extra)
+    for engine in args.peer:
+        from eval.peers import recognize_lines
+
+        images = [r["messages"][0]["images"][0] for r in records]
+        start = time.perf_counter()
+        hyps = recognize_lines(engine, images)
+        seconds = time.perf_counter() - start
+        preds = [{"id": r["id"], "reference": r["messages"][1]["content"], "hypothesis": h} for r, h in zip(records, hyps)]
+        extra = {"name": engine, "ckpt": f"peer:{engine}", "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds}
+        results.append((engine, *score_and_write(engine, preds, shared, out_root / engine, extra)))
+    # ---------------------------------------------- comparison report
+    if len(results) > 1:
+        from eval.report import write_comparison_report
+
+        report = write_comparison_report(results, out_root)
+        print(f"comparison report: {report}")
+    return {name: corpus for name, corpus, _ in results}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared fixtures: generated data and tiny random-weight models, built once per test session.
+
+Nothing here is mocked: the models are the real classes with shrunken sizes, saved and reloaded
+through ``from_pretrained`` with the real (offline-built) tokenizer; the data comes from our generator
+in the exact layout of priyank-m/chinese_text_recognition.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("deepseek_ocr_v1", "deepseek_ocr2")
+TINY_CONFIG = {"deepseek_ocr_v1": REPO / "configs" / "tiny_cpu.yaml", "deepseek_ocr2": REPO / "configs" / "tiny_cpu_ocr2.yaml"}
+
+# Tests are CPU-only and must not try the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small demo-preset dataset: train 64, val 16, test 16 lines."""
+    from data.generate import generate
+
+    out = tmp_path_factory.mktemp("demo_data")
+    generate(str(out), {"train": 64, "val": 16, "test": 16}, seed=0, preset="demo")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """``family -> folder`` of a tiny random model, made on first use."""
+    from train.models.make_tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = make_tiny(family, root / family, seed=0)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, demo_data, tiny_model_dirs):
+    """``(family, *overrides) -> RunConfig`` of the shipped tiny config pointed at test folders."""
+    from train.config import load_config
+
+    def make(family: str, *overrides: str):
+        return load_config(
+            TINY_CONFIG[family],
+            [f"model.name_or_path={tiny_model_dirs(family)}", f"data.dataset={demo_data}",
+             f"output_dir={tmp_path / 'run'}", "training.report_to=[]", *overrides],
+        )
+
+    return make
