@@ -15,7 +15,7 @@ IGNORE_INDEX = -100  # CrossEntropyLoss(ignore_index) default; HF's ForCausalLML
 
 @dataclass
 class DeepSeekOCRDataCollator:
-    """Builds DeepSeek-OCR training or generation batches from conversation records.
+    r"""Builds DeepSeek-OCR training or generation batches from conversation records.
 
     **Input**: a list of records as produced by ``data.convert.to_conversation``::
 

@@ -1,4 +1,4 @@
-"""The small interface every model family implements.
+r"""The small interface every model family implements.
 
 The pipeline (collator, training, both evaluations) never imports a model class directly: it asks the
 family named in the config (``model.family``) for the tokenizer, the model, the image preprocessing and
@@ -92,13 +92,18 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def lora_targets(self, model: PreTrainedModel, module_names: list[str]) -> dict[str, Any]:
-        """PEFT ``LoraConfig`` kwargs (``target_modules``, optionally ``target_parameters``) that restrict
-        ``module_names`` (e.g. ``["q_proj", ..., "down_proj"]``) to the language model."""
+        """PEFT ``LoraConfig`` kwargs restricting ``module_names`` to the language model.
+
+        ``module_names`` are e.g. ``["q_proj", ..., "down_proj"]``; the result holds ``target_modules``
+        and optionally ``target_parameters``.
+        """
 
     @abstractmethod
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
-        """Write a tiny random-weight model of this family, with the real offline tokenizer, to ``out_dir``
-        so that ``load_model(out_dir)`` and ``load_tokenizer(out_dir)`` load it like a hub checkpoint."""
+        """Write a tiny random-weight model of this family with the real offline tokenizer.
+
+        ``load_model(out_dir)`` and ``load_tokenizer(out_dir)`` then load it like a hub checkpoint.
+        """
 
 
 def scale_tiny_output_head(model, row_norm: float = 4.0, seed: int = 0) -> None:

@@ -46,12 +46,13 @@ class DeepseekOCR2ImageProcessor(ImageProcessor):
         self.global_tokens = self._queries(global_side)
         self.tile_tokens = self._queries(hf_processor.tile_size)
 
-    def _queries(self, side: int) -> int:
+    def _queries(self, side: int) -> int:  # noqa: D102 - private helper
         # The model picks its 144-query table when SAM gives <= 144 patches, else the 256 one.
         patches = (side // self._shrink) ** 2
         return 144 if patches <= 144 else 256
 
     def __call__(self, image: Image.Image) -> ImageInputs:
+        """Pixels from the HF image processor; slot count from the query tables."""
         out = self.hf(images=[image], return_tensors="pt", **self.kwargs)
         n_local = int(out["num_local_patches"][0]) if "num_local_patches" in out else 0
         tensors = {
@@ -138,7 +139,11 @@ class DeepseekOCR2Family(ModelFamily):
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """A ~17 M-parameter random OCR-2 (the real 129,280 vocab) that reads 128 px images."""
-        from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration, DeepseekOcr2ImageProcessorPil
+        from transformers import (
+            DeepseekOcr2Config,
+            DeepseekOcr2ForConditionalGeneration,
+            DeepseekOcr2ImageProcessorPil,
+        )
 
         tok = build_offline_tokenizer()
         config = DeepseekOcr2Config(
@@ -154,7 +159,9 @@ class DeepseekOCR2Family(ModelFamily):
                 # 128 px / patch 8 = 16x16 patches, two stride-2 convs -> 4x4: the 144-query table.
                 sam_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=128, patch_size=8, window_size=4, global_attn_indexes=[1],
-                                downsample_channels=[32, 64]),
+                                downsample_channels=[32, 64],
+                                # The class default (1e-10) makes a random SAM output ~1e-40: no image signal.
+                                initializer_range=0.02),
                 encoder_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
             ),

@@ -55,7 +55,7 @@ def build_offline_tokenizer() -> LlamaTokenizerFast:
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, image_token: str = "<image>"):
-    """Load a DeepSeek-OCR tokenizer from a hub id or folder, byte-level BPE exactly as saved.
+    r"""Load a DeepSeek-OCR tokenizer from a hub id or folder, byte-level BPE exactly as saved.
 
     ``AutoTokenizer`` is not used on purpose: the hub's ``tokenizer_config.json`` names
     ``LlamaTokenizerFast``, which transformers 5.x maps to ``LlamaTokenizer`` and rebuilds with a
