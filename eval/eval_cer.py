@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from train.config import ConfigError, load_config, load_saved_config
-    from train.loading import is_checkpoint
+    from train.loading import CheckpointError, checkpoint_problem, is_checkpoint
+
+    # ------------------------------------------------ every --ckpt checked before anything loads
+    problems = [p for c in args.ckpt if (p := checkpoint_problem(c)) is not None]
+    if problems:  # all of them at once: a typo in the third --ckpt should not cost two evaluations
+        raise SystemExit("error: " + "\nerror: ".join(problems))
 
     # ------------------------------------------------ the shared data/eval settings
     try:
@@ -121,15 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
             shared = load_saved_config(args.ckpt[0], args.overrides)
         else:
             raise SystemExit(
-                f"error: --ckpt {args.ckpt[0]!r} is not a checkpoint of this pipeline (no adapter_config.json + "
-                "run_config.yaml; a half-written or foreign folder, or a base model). For a base model pass "
-                "--config FILE too; for a run folder pass one of its checkpoint-N folders."
+                f"error: --ckpt {args.ckpt[0]!r} is a base model (no adapter_config.json + run_config.yaml), "
+                "which carries no data or eval settings. To fix: also pass --config FILE, e.g. "
+                "--config configs/v1_lora_zh.yaml"
             )
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    for c in args.ckpt:
-        if not Path(c).exists() and "/" in c and c.count("/") > 1:
-            raise SystemExit(f"error: --ckpt {c!r} does not exist (neither a folder nor a hub id)")
 
     import torch
 
@@ -154,7 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     for ckpt, name in zip(args.ckpt, names):
         # ---------------------------------------------- model: one shared loading path
         base_cfg = None if is_checkpoint(ckpt) else load_config(args.config, args.overrides) if args.config else None
-        loaded = load_for_eval(ckpt, cfg=base_cfg, overrides=args.overrides, device=device)
+        try:
+            loaded = load_for_eval(ckpt, cfg=base_cfg, overrides=args.overrides, device=device)
+        except (CheckpointError, ConfigError) as e:  # e.g. an adapter trained on another base model
+            raise SystemExit(f"error: {e}") from None
         cfg = loaded.cfg
         family, model = loaded.family, loaded.model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

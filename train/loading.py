@@ -8,6 +8,7 @@ checkpoint folder, which carries its own ``run_config.yaml`` and needs nothing e
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from train.models import ModelFamily, get_family
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -80,10 +82,56 @@ def add_lora(loaded: Loaded) -> int:
     return trainable
 
 
+class CheckpointError(ValueError):
+    """A ``--ckpt`` folder is not a usable checkpoint; the message names the path and the fix."""
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """A pipeline checkpoint: a folder with a LoRA adapter and the run config beside it."""
     path = Path(path)
     return (path / ADAPTER_CONFIG).is_file() and (path / CONFIG_FILE_NAME).is_file()
+
+
+def _usable_siblings(run_dir: Path) -> str:
+    """The checkpoints of a run folder that hold adapter + weights + config, newest first, for hints."""
+    found = [p for p in run_dir.glob("*") if p.is_dir() and (p.name == "final" or re.fullmatch(r"checkpoint-\d+", p.name))
+             and is_checkpoint(p) and any((p / w).is_file() for w in ADAPTER_WEIGHTS)]
+    found.sort(key=lambda p: (p.name != "final", -int(p.name.split("-")[1]) if p.name != "final" else 0))
+    return ", ".join(str(p) for p in found) or f"none in {str(run_dir)!r} yet"
+
+
+def checkpoint_problem(ckpt: str) -> str | None:
+    """Why ``ckpt`` (a local folder) cannot be evaluated, with the fix; None if it can or is a hub id.
+
+    Catches, before any model loads: a missing path, a run folder, a temporary of an interrupted save, a
+    half-written checkpoint (adapter without run config or without weights) and an empty folder.
+    """
+    path = Path(ckpt)
+    fix = "To fix: pass a complete checkpoint folder"
+    if not path.exists():
+        hub_like = ckpt.count("/") == 1 and not ckpt.startswith((".", "/", "~")) and not path.parent.is_dir()
+        if hub_like:
+            return None  # a hub id such as deepseek-ai/DeepSeek-OCR: loading will tell
+        return f"--ckpt {ckpt!r} does not exist. {fix}, e.g. runs/<run>/checkpoint-N or runs/<run>/final."
+    if not path.is_dir():
+        return f"--ckpt {ckpt!r} is a file, not a folder. {fix} (the folder that holds {ADAPTER_CONFIG})."
+    if path.name.startswith((".tmp-", ".trash-")):
+        return (f"--ckpt {ckpt!r} is the temporary folder of an interrupted checkpoint save or rotation, not a "
+                f"checkpoint. {fix}; usable: {_usable_siblings(path.parent)}.")
+    has_adapter, has_cfg = (path / ADAPTER_CONFIG).is_file(), (path / CONFIG_FILE_NAME).is_file()
+    if has_adapter and not has_cfg:
+        return (f"--ckpt {ckpt!r} has {ADAPTER_CONFIG} but no {CONFIG_FILE_NAME}: a half-written checkpoint or "
+                f"one not made by this pipeline. {fix}; usable: {_usable_siblings(path.parent)}.")
+    if has_adapter and not any((path / w).is_file() for w in ADAPTER_WEIGHTS):
+        return (f"--ckpt {ckpt!r} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): "
+                f"a half-written checkpoint. {fix}; usable: {_usable_siblings(path.parent)}.")
+    if has_cfg and not has_adapter and not (path / "config.json").is_file():
+        return (f"--ckpt {ckpt!r} is a run folder, not a checkpoint. {fix} of that run: "
+                f"{_usable_siblings(path)}.")
+    if not has_adapter and not (path / "config.json").is_file():
+        return (f"--ckpt {ckpt!r} holds no model: neither {ADAPTER_CONFIG} (a LoRA checkpoint) nor config.json "
+                f"(a base model). {fix}, or a base model folder with --config FILE.")
+    return None
 
 
 def load_for_eval(ckpt: str, cfg: RunConfig | None = None, overrides: list[str] | None = None,
@@ -102,30 +150,20 @@ def load_for_eval(ckpt: str, cfg: RunConfig | None = None, overrides: list[str] 
 
     device = device or default_device()
     path = Path(ckpt)
-    if path.exists() and path.is_dir() and (path / ADAPTER_CONFIG).is_file():
-        if not (path / CONFIG_FILE_NAME).is_file():
-            raise FileNotFoundError(
-                f"--ckpt {ckpt!r} has an adapter but no {CONFIG_FILE_NAME}: it is not a checkpoint of this "
-                "pipeline, or it is half-written. To fix: pass a complete checkpoint-N folder."
-            )
+    if (problem := checkpoint_problem(ckpt)) is not None:
+        raise CheckpointError(problem)
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
         saved = load_saved_config(path, overrides)
+        _check_adapter_base(path, saved)  # before loading: a mismatch fails in a second, not after minutes
         loaded = load_base(saved, device)
-        _check_adapter_base(path, saved)
         loaded.model = PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
         loaded.adapter = str(path)
-    elif path.exists() and path.is_dir() and (path / CONFIG_FILE_NAME).is_file() and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--ckpt {ckpt!r} is a run folder, not a checkpoint; pass one of its checkpoint-N folders "
-            f"({', '.join(sorted(p.name for p in path.glob('checkpoint-*'))) or 'none saved yet'})"
-        )
     else:
         if cfg is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"--ckpt {ckpt!r} is not a pipeline checkpoint (no {ADAPTER_CONFIG} + {CONFIG_FILE_NAME}); to "
                 "evaluate a base model also pass --config FILE for the data and eval settings"
             )
-        if path.exists() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--ckpt {ckpt!r} exists but holds no model (no config.json, no adapter)")
         cfg.model.name_or_path = str(ckpt)
         loaded = load_base(cfg, device)
     loaded.model.to(device).eval()
@@ -139,7 +177,8 @@ def _check_adapter_base(path: Path, cfg: RunConfig) -> None:
     adapter = json.loads((path / ADAPTER_CONFIG).read_text())
     trained_on = adapter.get("base_model_name_or_path")
     if trained_on and Path(str(trained_on)).name != Path(cfg.model.name_or_path).name:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds an adapter for base model {trained_on!r} but its config names "
-            f"{cfg.model.name_or_path!r}; pass model.name_or_path={trained_on} or the matching checkpoint"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds an adapter trained on base model {trained_on!r} but its "
+            f"{CONFIG_FILE_NAME} names {cfg.model.name_or_path!r}. To fix: add the override "
+            f"model.name_or_path={trained_on}, or evaluate a checkpoint of a run on {cfg.model.name_or_path!r}"
         )

@@ -4,6 +4,10 @@
     python train/train_lora.py --config configs/tiny_cpu.yaml training.max_steps=20  # CPU demo
     python train/train_lora.py --config configs/v1_lora_zh.yaml resume_from_checkpoint=latest
 
+SIGTERM/SIGINT (e.g. a preempted job) saves a checkpoint at the end of the current optimizer step and
+exits with code 75 (resume with ``resume_from_checkpoint=latest``); a second signal exits at once.
+Checkpoints are written atomically, so a kill at any moment leaves the previous one usable.
+
 The YAML fully describes the run (train/config.py documents every key); ``key=value`` refines it.
 The resolved config is saved in the run folder and in every checkpoint, so
 ``python eval/eval_cer.py --ckpt runs/x/checkpoint-500`` needs nothing else.
@@ -47,9 +51,11 @@ def build_datasets(cfg: RunConfig, output_dir: Path):
 def main(cfg: RunConfig) -> dict:
     """Run one fine-tuning job described by ``cfg``; returns the final metrics."""
     # Heavy imports (torch, transformers, datasets) only after the config parsed: a typo fails at once.
+    from transformers import set_seed
+
     from collator.deepseek_ocr import DeepSeekOCRDataCollator
     from train.loading import add_lora, load_base
-    from train.trainer import OCRTrainer, SaveRunConfigCallback, peak_memory_gib, resolve_resume
+    from train.trainer import OCRTrainer, peak_memory_gib, resolve_resume
 
     # ---------------------------------------------------------------- config and run folder
     args = training_arguments(cfg)  # before any model loads: a bad training.* key fails in seconds
@@ -60,6 +66,9 @@ def main(cfg: RunConfig) -> dict:
     log.info("run folder %s; resume from %s", output_dir, resume or "nothing (fresh run)")
 
     # ---------------------------------------------------------------- model + LoRA
+    # Seed before the LoRA A matrices are drawn (the Trainer seeds only later, in its __init__): without
+    # it two fresh runs of one config start from different adapters and can never match bit for bit.
+    set_seed(cfg.seed)
     loaded = load_base(cfg, args.device)
     family, tokenizer = loaded.family, loaded.tokenizer
     base_model = loaded.model
@@ -93,14 +102,21 @@ def main(cfg: RunConfig) -> dict:
     # ---------------------------------------------------------------- trainer
     trainer = OCRTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        callbacks=[SaveRunConfigCallback(cfg)], run_cfg=cfg, cer_records=cer_records,
+        run_cfg=cfg, cer_records=cer_records,  # the trainer writes run_config.yaml into every checkpoint
     )
     before = None
     if resume is None and args.eval_strategy != "no":
-        before = trainer.evaluate(metric_key_prefix="eval_before")  # the base model's starting point
+        # The base model's starting point; RNG-neutral, so it cannot make fresh and resumed runs differ.
+        before = trainer.evaluate(metric_key_prefix="eval_before")
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
+    if trainer.stopped_by:  # SIGTERM/SIGINT: the step's checkpoint is saved; no final/ for a partial run
+        log.warning("stopped by %s at step %d; saved %s. To resume: the same command with "
+                    "resume_from_checkpoint=latest", trainer.stopped_by, trainer.state.global_step,
+                    trainer.last_checkpoint)
+        return {"interrupted_by": trainer.stopped_by, "global_step": trainer.state.global_step,
+                "checkpoint": trainer.last_checkpoint}
 
     # ---------------------------------------------------------------- save and report
     final_dir = output_dir / "final"
@@ -129,4 +145,11 @@ def main(cfg: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_cli())
+    from train.checkpointing import EXIT_INTERRUPTED
+    from train.config import ConfigError
+
+    try:
+        result = main(parse_cli())
+    except ConfigError as e:  # e.g. a bad training.* field: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    sys.exit(EXIT_INTERRUPTED if "interrupted_by" in result else 0)

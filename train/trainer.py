@@ -1,39 +1,182 @@
-"""Trainer pieces: exact perplexity + CER at each evaluation, self-describing checkpoints, resume.
+"""Trainer pieces: exact perplexity + CER at each evaluation, atomic self-describing checkpoints, exact resume.
 
 ``OCRTrainer.evaluate`` replaces HF's evaluation loop (which averages per-batch mean losses) with the
 exact corpus NLL over target tokens, and adds CER / line accuracy on a small fixed subset of the eval
 split, so ``metric_for_best_model: eval_cer`` can pick the best checkpoint by what users care about.
+
+Robustness (train/checkpointing.py has the mechanics), by overriding four ``Trainer`` methods:
+
+* ``_save_checkpoint``: HF writes straight into ``checkpoint-N`` (a kill mid-save leaves a folder that
+  looks resumable) and we used to add ``run_config.yaml`` after it, in a callback. Ours writes the same
+  files with HF's own writers (``save_model``, ``_save_optimizer_and_scheduler``, ``_save_scaler``,
+  ``_save_rng_state``, ``TrainerState.save_to_json``) plus the run config into ``.tmp-checkpoint-N``, fsyncs
+  and renames, then rotates without ever deleting the newest complete or the best checkpoint.
+* ``_finalize_training``: HF's end-of-training cleanup deletes every checkpoint but the best when
+  ``save_total_limit == 1``, the last complete one included; we keep ours (the rotation keeps both).
+* ``_maybe_log_save_evaluate``: after HF's log/eval/save of an optimizer step, a pending SIGTERM/SIGINT
+  forces a checkpoint of that step and stops training (the only place where the step is finished and
+  no gradient is half-accumulated).
+* ``train``: installs the signal handlers for its duration only, and removes leftovers of killed saves.
+
+Exact resume: HF already restores adapter, optimizer, scheduler and RNG and skips the consumed batches
+(saves happen only at optimizer-step boundaries, so the gradient-accumulation position is always 0).
+Two holes are closed here: evaluation runs inside ``preserved_rng`` (the eval-before of a fresh run and
+the CER generation must not shift the training RNG), and ``data_seed`` is pinned to ``seed`` so the
+shuffling order never depends on the global RNG state at the moment ``train()`` builds the dataloader.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer_callback import ExportableState
 
 from collator.deepseek_ocr import DeepSeekOCRDataCollator
 from eval.common import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for
 from eval.metrics import perplexity
+from train.checkpointing import (
+    TMP_PREFIX,
+    StopOnSignal,
+    clean_leftovers,
+    is_complete_checkpoint,
+    leftover_temporaries,
+    list_checkpoints,
+    pause_for_test,
+    preserved_rng,
+    publish,
+    rotate,
+)
 from train.config import RunConfig, save_config
 
 log = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+__all__ = ["OCRTrainer", "is_complete_checkpoint", "list_checkpoints", "peak_memory_gib", "resolve_resume"]
 
 
 class OCRTrainer(Trainer):
-    """``Trainer`` whose evaluation reports exact perplexity and, on a fixed subset, CER."""
+    """``Trainer`` with exact perplexity + CER evaluation, atomic checkpoints and a graceful SIGTERM.
+
+    After ``train()`` returns, ``stopped_by`` names the signal that stopped it early (else None) and
+    ``last_checkpoint`` the folder of the newest checkpoint this trainer published.
+    """
 
     def __init__(self, *args, run_cfg: RunConfig, cer_records: list | None = None, **kwargs):
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None and targs.data_seed is None:
+            # The seedable sampler otherwise takes torch.initial_seed() when train() builds the dataloader:
+            # right today, silently wrong once anything re-seeds in between. Must precede super(), which
+            # hands data_seed to the accelerator.
+            targs.data_seed = targs.seed
         super().__init__(*args, **kwargs)
         self.run_cfg = run_cfg
         self.cer_records = cer_records or []
+        self.stopped_by: str | None = None
+        self.last_checkpoint: str | None = None
+        self._signals: StopOnSignal | None = None
+
+    # ---------------------------------------------------------------- train: signals and leftovers
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train`` with SIGTERM/SIGINT handled (save at the step end, stop) and stale temporaries removed."""
+        if self.args.should_save:
+            clean_leftovers(self.args.output_dir)
+        self.stopped_by = None
+        try:
+            with StopOnSignal() as self._signals:
+                out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            if self.state.global_step < self.state.max_steps:  # a signal at the last step changes nothing
+                self.stopped_by = self._signals.name
+        finally:
+            self._signals = None
+        return out
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                 learning_rate=None):
+        """HF's per-step log/eval/save, then: on a pending signal, checkpoint this step and stop."""
+        pause_for_test("step", self.state.global_step, self.args.output_dir)
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                         learning_rate=learning_rate)
+        if self._signals is not None and self._signals.received is not None:
+            if self.last_checkpoint != str(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                self._save_checkpoint(model, trial)  # this step has not been saved by the schedule
+                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+            self.control.should_training_stop = True  # _run_epoch breaks right after this call
+
+    # ---------------------------------------------------------------- atomic checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` atomically: everything (run config included) into a temporary, then rename.
+
+        Same content and order as HF's ``_save_checkpoint``, built from its own writers; the differences
+        are the temporary folder, fsync + rename, the run config inside, and our rotation (``rotate``).
+        """
+        step = self.state.global_step
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"checkpoint-{step}"
+        tmp = run_dir / f"{TMP_PREFIX}{final.name}"
+        self.accelerator.wait_for_everyone()  # every rank writes into the same temporary
+        if self.args.should_save and tmp.exists():
+            shutil.rmtree(tmp)  # a save of this step that died earlier in this very process tree
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(tmp), _internal_call=True)
+        pause_for_test("save", step, run_dir)  # test hook: SIGKILL here = a kill mid-save
+        # Best checkpoint: HF checks that the folder exists after writing the model; ours appears only at
+        # the rename, so the current step counts as existing.
+        best_step = self.state.best_global_step
+        if best_step and (best_step == step or (run_dir / f"checkpoint-{best_step}").is_dir()):
+            self.state.best_model_checkpoint = str(run_dir / f"checkpoint-{best_step}")
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(tmp))
+            self._save_scaler(str(tmp))
+            self._save_rng_state(str(tmp))
+        if self.args.should_save:
+            # Stateful callbacks (e.g. early stopping) resume with their counters, as in HF.
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(str(tmp / "trainer_state.json"))
+            save_config(self.run_cfg, tmp)  # self-describing: eval_cer.py --ckpt needs nothing else
+        self.accelerator.wait_for_everyone()  # all ranks' RNG files are in before the rename
+        if self.args.should_save:
+            publish(tmp, final)
+            self.last_checkpoint = str(final)
+            log.info("saved %s", final)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(str(final))
+            rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+            pause_for_test("saved", step, run_dir)  # test hook: SIGKILL here = a kill right after a save
+        self.accelerator.wait_for_everyone()
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        """HF's end of training, minus its ``save_total_limit == 1`` sweep that deletes the last checkpoint."""
+        limit = self.args.save_total_limit
+        if limit == 1 and self.state.best_model_checkpoint is not None:
+            self.args.save_total_limit = 2  # skips the sweep; ``rotate`` already kept exactly best + newest
+        try:
+            return super()._finalize_training(trial, num_train_samples, start_time)
+        finally:
+            self.args.save_total_limit = limit
+
+    # ---------------------------------------------------------------- evaluation
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Exact eval loss/perplexity over all target tokens, plus CER on ``cer_records``."""
+        """Exact eval loss/perplexity over all target tokens, plus CER on ``cer_records``.
+
+        Runs inside ``preserved_rng``: evaluating (or not) never changes what training draws afterwards.
+        """
+        with preserved_rng():
+            return self._evaluate_exact(eval_dataset, metric_key_prefix)
+
+    def _evaluate_exact(self, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         collator: DeepSeekOCRDataCollator = self.data_collator
         device = self.args.device
@@ -71,42 +214,18 @@ class OCRTrainer(Trainer):
         return metrics
 
 
-class SaveRunConfigCallback(TrainerCallback):
-    """Writes the resolved run config into every checkpoint, so ``--ckpt DIR`` needs nothing else."""
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-
-    def on_save(self, args, state, control, **kwargs):
-        """Called after the Trainer wrote ``checkpoint-<step>``."""
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            save_config(self.cfg, ckpt)
-        return control
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run, oldest first (by step, not by name)."""
-    folder = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def is_complete_checkpoint(path: Path) -> tuple[bool, str]:
-    """Whether a checkpoint has everything resume needs; if not, which file is missing."""
-    needed = ["adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt", "run_config.yaml"]
-    weights = ["adapter_model.safetensors", "adapter_model.bin"]
-    missing = [n for n in needed if not (path / n).is_file()]
-    if not any((path / w).is_file() for w in weights):
-        missing.append("adapter_model.safetensors")
-    return (not missing, ", ".join(missing))
-
-
 def resolve_resume(resume: str | None, output_dir: str | Path) -> str | None:
-    """``null`` -> None; ``latest`` -> newest complete checkpoint (error if none); a path -> checked path."""
+    """``null`` -> None; ``latest`` -> newest complete checkpoint (error if none); a path -> checked path.
+
+    Every skipped folder is logged with its reason: a half-written ``checkpoint-N`` (from before atomic
+    saves, or copied by hand) and a ``.tmp-checkpoint-N`` left by a save that was killed.
+    """
     if resume is None:
         return None
     if resume == "latest":
+        for tmp in leftover_temporaries(output_dir):
+            log.warning("ignoring %s: a checkpoint save or rotation that was interrupted (deleted when training "
+                        "starts)", tmp)
         for ckpt in reversed(list_checkpoints(output_dir)):
             ok, missing = is_complete_checkpoint(ckpt)
             if ok:
@@ -119,7 +238,10 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> str | None:
         )
     ok, missing = is_complete_checkpoint(Path(resume))
     if not ok:
-        raise FileNotFoundError(f"resume_from_checkpoint {resume!r} is incomplete (missing: {missing})")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {resume!r} is incomplete (missing: {missing}). To fix: point it at a "
+            "complete checkpoint-N folder, or use resume_from_checkpoint=latest to pick the newest complete one."
+        )
     return resume
 
 
