@@ -75,6 +75,24 @@ def test_train_checkpoint_resume_evaluate(family, tiny_cfg, tiny_model_dirs, tmp
     assert len(p1) == 6 and all({"id", "reference", "hypothesis", "cer_raw", "error_kinds"} <= set(p) for p in p1)
     m = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     assert m["n_lines"] == 6 and 0 <= m["line_acc_raw"] <= 1 and list(out1.values())[0]["cer_raw"] == m["cer_raw"]
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_metric"] is not None and state["best_model_checkpoint"].endswith(("checkpoint-2", "checkpoint-4"))
+
+    # ---- base vs fine-tuned: one command, one report with plots
+    from PIL import Image
+
+    eval_cer.main(["--ckpt", str(tiny_model_dirs(family)), "--ckpt", str(run / "final"), "--name", "base",
+                   "--name", "tuned", "--config", str(run / "run_config.yaml"), "--out", str(tmp_path / "cmp"),
+                   "eval.max_samples=6", "eval.batch_size=6"])
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "base" in report and "tuned" in report
+    pngs = sorted((tmp_path / "cmp").glob("*.png"))
+    assert len(pngs) >= 4
+    for png in pngs:
+        with Image.open(png) as im:
+            im.verify()
+    for name in ("base", "tuned"):
+        assert (tmp_path / "cmp" / name / "metrics.json").is_file() and (tmp_path / "cmp" / name / "predictions.jsonl").is_file()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -97,6 +97,12 @@ class DeepseekOCRConfig(PreTrainedConfig):
     Projector (``model.projector``):
         projector_input_dim: ``clip_width + sam_downsample_channels[-1]`` (2048), the concatenated features.
 
+    Speed switch (not an official key; changes no weight and no result beyond float rounding):
+        moe_implementation: ``"grouped"`` (default) runs all routed experts of a layer as grouped GEMMs (base
+            weights stacked, each expert's PEFT LoRA A/B kept and stacked; no host sync); ``"loop"`` calls the
+            expert modules one by one in Python (the reference; what the official code does). Unsupported PEFT
+            setups (DoRA, LoRA dropout > 0 in training, ...) use the loop automatically.
+
     Training switch:
         train_vision: If true, SAM, CLIP, the projector, ``image_newline`` and ``view_seperator`` keep
             ``requires_grad=True``; if false (default) they are frozen. The forward never uses ``no_grad``.
@@ -175,6 +181,8 @@ class DeepseekOCRConfig(PreTrainedConfig):
     clip_layer_norm_eps: float = 1e-5
     # --- projector
     projector_input_dim: int = 2048
+    # --- speed
+    moe_implementation: str = "grouped"
     # --- training
     train_vision: bool = False
 
@@ -204,6 +212,8 @@ class DeepseekOCRConfig(PreTrainedConfig):
         if self.projector_input_dim != self.clip_width + self.sam_downsample_channels[-1]:
             problems.append(f"projector_input_dim={self.projector_input_dim} must be clip_width + "
                             f"sam_downsample_channels[-1] = {self.clip_width + self.sam_downsample_channels[-1]}")
+        if self.moe_implementation not in ("grouped", "loop"):
+            problems.append(f"moe_implementation={self.moe_implementation!r} must be 'grouped' or 'loop'")
         if problems:
             raise ValueError("invalid DeepseekOCRConfig: " + "; ".join(problems))
 

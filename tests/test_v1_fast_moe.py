@@ -1,0 +1,184 @@
+"""Grouped MoE experts (``moe_implementation="grouped"``) == the Python loop over expert modules.
+
+fp32 on CPU, PEFT LoRA attached to every expert projection (the pipeline's regex), routing forced to be
+unbalanced with one expert that receives no token. Compared: the layer output and the gradients of the input
+and of every LoRA A/B. Also: the per-expert reference path (no grouped kernel), the PEFT fall-backs, and a
+whole-model loss.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from train.models.deepseek_ocr_v1 import modeling  # noqa: E402
+from train.models.deepseek_ocr_v1.family import DeepseekOCRv1Family, tiny_config  # noqa: E402
+from train.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM  # noqa: E402
+
+FAMILY = DeepseekOCRv1Family()
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(n_experts: int = 6, top_k: int = 2, r: int = 4, dropout: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config()
+    config.n_routed_experts, config.num_experts_per_tok = n_experts, top_k
+    model = DeepseekOCRForCausalLM(config).float()
+    targets = FAMILY.lora_targets(model, MODULES)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, **targets))
+    with torch.no_grad():  # lora_B starts at zero: randomise so every A gets a gradient too
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def _moe(model):
+    return model.base_model.model.model.layers[1].mlp
+
+
+def _force_routing(moe, n_tokens: int):
+    """Fixed, unbalanced routing: expert 0 takes most tokens, the last expert none."""
+    n_exp, k = len(moe.experts), moe.top_k
+    g = torch.Generator().manual_seed(1)
+    idx = torch.zeros(n_tokens, k, dtype=torch.long)
+    for t in range(n_tokens):
+        first = 0 if t % 3 else int(torch.randint(1, n_exp - 1, (1,), generator=g))
+        rest = torch.randperm(n_exp - 1, generator=g)
+        rest = rest[rest != first][: k - 1]
+        idx[t, 0], idx[t, 1:] = first, rest
+    weight = torch.rand(n_tokens, k, generator=g)
+    real_forward = moe.gate.forward
+
+    def forward(x):
+        _, _, scores = real_forward(x)
+        return idx, weight, scores
+
+    moe.gate.forward = forward
+    return idx
+
+
+def _run(moe, x, impl: str):
+    moe.config.moe_implementation = impl
+    for p in moe.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = moe(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad and p.grad is not None}
+    return y.detach(), x.grad.clone(), grads
+
+
+def _compare(moe, x, atol=1e-5):
+    y_loop, gx_loop, g_loop = _run(moe, x, "loop")
+    ran = []
+    real = moe._grouped_experts
+    def spy(*a):
+        out = real(*a)
+        ran.append(out is not None)
+        return out
+
+    moe._grouped_experts = spy
+    try:
+        y_grp, gx_grp, g_grp = _run(moe, x, "grouped")
+    finally:
+        del moe._grouped_experts
+    assert ran and all(ran), "the grouped path did not run"
+    torch.testing.assert_close(y_grp, y_loop, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(gx_grp, gx_loop, atol=atol, rtol=1e-5)
+    lora_names = [n for n in g_loop if "lora_" in n]
+    assert len(lora_names) == 3 * 2 * (len(moe.experts) - 1) + 3 * 2  # empty expert: no grad in the loop
+    for name in lora_names:
+        torch.testing.assert_close(g_grp[name], g_loop[name], atol=atol, rtol=1e-5, msg=name)
+    # The expert that received no token: zero gradient in the grouped path (none in the loop).
+    empty = len(moe.experts) - 1
+    for name, grad in g_grp.items():
+        if f"experts.{empty}." in name:
+            assert torch.count_nonzero(grad) == 0, name
+    return y_grp
+
+
+def test_grouped_equals_loop_with_lora_unbalanced_and_empty_expert():
+    model = _lora_model()
+    moe = _moe(model)
+    x = torch.randn(3, 11, model.config.hidden_size)
+    idx = _force_routing(moe, 33)
+    counts = torch.bincount(idx.reshape(-1), minlength=len(moe.experts))
+    assert counts[-1] == 0 and counts[0] > 2 * counts[1:-1].max()
+    assert modeling._grouped_kernel_fits(x, [64, 32, 4])  # the grouped GEMM kernel itself runs here
+    _compare(moe, x)
+
+
+def test_reference_path_without_grouped_kernel(monkeypatch):
+    model = _lora_model(r=3)  # r*4 bytes not 16-byte aligned: the per-expert reference path runs
+    moe = _moe(model)
+    x = torch.randn(2, 9, model.config.hidden_size)
+    _force_routing(moe, 18)
+    calls = []
+    real = modeling._gmm
+    monkeypatch.setattr(modeling, "_gmm", lambda *a: calls.append(a[3] is not None) or real(*a))
+    _compare(moe, x)
+    assert calls and all(calls)
+
+
+def test_plain_model_without_peft_and_frozen_base_cache():
+    torch.manual_seed(0)
+    model = DeepseekOCRForCausalLM(tiny_config()).float()
+    moe = model.model.layers[1].mlp
+    x = torch.randn(2, 7, model.config.hidden_size)
+    with torch.no_grad():
+        outs = {}
+        for impl in ("loop", "grouped"):
+            moe.config.moe_implementation = impl
+            outs[impl] = moe(x)
+        torch.testing.assert_close(outs["grouped"], outs["loop"], atol=1e-5, rtol=1e-5)
+        # An in-place weight change (e.g. a LoRA merge) must invalidate the cached stacked weights.
+        for p in moe.experts.parameters():
+            p.requires_grad_(False)
+        moe(x)
+        moe.experts[0].down_proj.weight.mul_(2.0)
+        moe.config.moe_implementation = "grouped"
+        changed = moe(x)
+        moe.config.moe_implementation = "loop"
+        torch.testing.assert_close(changed, moe(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_in_training_falls_back_to_loop(caplog):
+    model = _lora_model(dropout=0.1)
+    moe = _moe(model)
+    moe.config.moe_implementation = "grouped"
+    model.train()
+    x = torch.randn(1, 5, model.config.hidden_size)
+    with caplog.at_level(logging.WARNING):
+        modeling._LOGGED_FALLBACKS.clear()
+        assert moe._grouped_experts(x.reshape(-1, x.shape[-1]), torch.zeros(5, dtype=torch.long)) is None
+    assert "looping over experts" in caplog.text
+    model.eval()  # dropout inactive in eval: the grouped path is exact again
+    assert moe._grouped_experts(x.reshape(-1, x.shape[-1]), torch.zeros(5, dtype=torch.long)) is not None
+
+
+def test_whole_model_loss_and_grads_equal():
+    model = _lora_model(n_experts=4)
+    ids = torch.randint(3, 1000, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    results = {}
+    for impl in ("loop", "grouped"):
+        model.base_model.model.config.moe_implementation = impl
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters()
+                           if p.requires_grad and p.grad is not None and "experts." not in n])
+        results[impl] = (loss.detach(), grads)
+    torch.testing.assert_close(results["grouped"][0], results["loop"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["grouped"][1], results["loop"][1], atol=1e-5, rtol=1e-5)
+
+
+def test_config_rejects_unknown_moe_implementation():
+    with pytest.raises(ValueError, match="moe_implementation"):
+        type(tiny_config())(moe_implementation="fast")
