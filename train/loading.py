@@ -8,6 +8,7 @@ checkpoint folder, which carries its own ``run_config.yaml`` and needs nothing e
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,6 @@ def load_for_eval(ckpt: str, cfg: RunConfig | None = None, overrides: list[str] 
         overrides: ``key=value`` strings applied on top of a checkpoint's saved config.
         device: Where to put the model (default: CUDA if available).
     """
-    from peft import PeftModel
-
     device = device or default_device()
     path = Path(ckpt)
     if (problem := checkpoint_problem(ckpt)) is not None:
@@ -156,7 +155,7 @@ def load_for_eval(ckpt: str, cfg: RunConfig | None = None, overrides: list[str] 
         saved = load_saved_config(path, overrides)
         _check_adapter_base(path, saved)  # before loading: a mismatch fails in a second, not after minutes
         loaded = load_base(saved, device)
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
+        loaded.model = load_adapter(loaded.model, path)
         loaded.adapter = str(path)
     else:
         if cfg is None:
@@ -168,6 +167,54 @@ def load_for_eval(ckpt: str, cfg: RunConfig | None = None, overrides: list[str] 
         loaded = load_base(cfg, device)
     loaded.model.to(device).eval()
     return loaded
+
+
+@contextmanager
+def peft_v5_renaming_off():
+    """Switch off peft's transformers-v5 key conversion while loading adapters of this pipeline.
+
+    With peft 0.21.2 + transformers 5.17 that conversion applies DeepSeek-OCR-2's v4->v5 checkpoint
+    renaming to adapters that already carry v5 names (``model.language_model`` becomes
+    ``model.language_model.language_model``): every LoRA weight is reported missing and stays at its
+    init, so an evaluated "fine-tune" is silently the base model and a resumed run restarts its adapter.
+    Our adapters are always saved by this pipeline in the current names, so no conversion is needed.
+    """
+    import peft.utils.save_and_load as peft_io
+
+    saved = peft_io.is_transformers_ge_v5
+    peft_io.is_transformers_ge_v5 = False
+    try:
+        yield
+    finally:
+        peft_io.is_transformers_ge_v5 = saved
+
+
+def load_adapter(model, path: str | Path):
+    """Wrap ``model`` with the LoRA adapter saved in ``path`` (inference mode) and check every tensor loaded.
+
+    Not ``PeftModel.from_pretrained``, which loses OCR-2 adapters (see ``peft_v5_renaming_off``) and
+    only warns about missing keys; here a missing or unexpected adapter weight is an error.
+    """
+    import peft.utils.save_and_load as peft_io
+    from peft import PeftConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = PeftConfig.from_pretrained(str(path))
+    config.inference_mode = True
+    peft_model = get_peft_model(model, config)
+    state = load_file(str(path / "adapter_model.safetensors"))
+    with peft_v5_renaming_off():
+        result = peft_io.set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if ".lora_" in k or "modules_to_save" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"adapter {str(path)!r} does not fit the base model: {len(missing)} adapter weights missing "
+            f"(e.g. {missing[:2]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]}). "
+            "To fix: evaluate it with the base model it was trained on (model.name_or_path in its run_config.yaml)."
+        )
+    peft_model.eval()
+    return peft_model
 
 
 def _check_adapter_base(path: Path, cfg: RunConfig) -> None:

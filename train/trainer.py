@@ -108,6 +108,13 @@ class OCRTrainer(Trainer):
 
     # ---------------------------------------------------------------- atomic checkpoints
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """HF's resume loading, minus peft's v5 key renaming that would drop OCR-2's adapter weights."""
+        from train.loading import peft_v5_renaming_off
+
+        with peft_v5_renaming_off():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _save_checkpoint(self, model, trial) -> None:
         """Write ``checkpoint-N`` atomically: everything (run config included) into a temporary, then rename.
 

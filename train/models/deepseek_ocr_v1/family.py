@@ -25,9 +25,13 @@ def tiny_config() -> DeepseekOCRConfig:
     (tiny 73, gundam 273 + tiles); only widths and depths shrink.
     """
     return DeepseekOCRConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
+        # 256, not 64: with 129,280 random output rows a 64-d hidden state can only point at one token
+        # at a time (random rows crowd it), so a LoRA-only fine-tune learns very slowly; 256 learns the
+        # demo's lines within minutes. The two 33 M-row embeddings dominate the size; compute stays tiny
+        # because the loss projects only supervised positions onto the vocabulary.
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
         num_hidden_layers=2,  # layer 0 dense, layer 1 MoE
         num_attention_heads=4,
         num_key_value_heads=4,
