@@ -51,6 +51,7 @@ def test_seed_recipe_values():
         ("collator.instruction=Free OCR.", "must contain '<image>' exactly once"),
         ("training.output_dir=/tmp/x", "training.output_dir is not allowed here"),
         ("resume_from_checkpoint=/no/such/ckpt", "resume_from_checkpoint '/no/such/ckpt' is not a folder"),
+        ("eval.train_cer_samples=0", "training.metric_for_best_model 'eval_cer' needs CER during training"),
     ],
 )
 def test_bad_values_are_named(override, expected):

@@ -78,6 +78,12 @@ def test_train_checkpoint_resume_evaluate(family, tiny_cfg, tiny_model_dirs, tmp
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["best_metric"] is not None and state["best_model_checkpoint"].endswith(("checkpoint-2", "checkpoint-4"))
 
+    # ---- the saved checkpoint reproduces the in-memory model exactly: the CER that training computed on
+    # its fixed eval subset at the end equals eval_cer.py --ckpt on the same lines from the saved adapter
+    again = eval_cer.main(["--ckpt", str(run / "final"), "--out", str(tmp_path / "again"), "eval.split=val",
+                           "eval.max_samples=4", "eval.batch_size=4"])
+    assert list(again.values())[0]["cer_raw"] == metrics["eval_cer"]
+
     # ---- base vs fine-tuned: one command, one report with plots
     from PIL import Image
 

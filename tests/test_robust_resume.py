@@ -30,7 +30,7 @@ from train.trainer import resolve_resume
 # guard as the loss.
 RUN = ["training.report_to=[]", "training.per_device_train_batch_size=2", "training.per_device_eval_batch_size=2",
        "training.warmup_steps=1", "training.logging_steps=1", "data.max_train_samples=8", "data.max_eval_samples=2",
-       "eval.train_cer_samples=0", "training.max_steps=6", "training.save_steps=2", "training.eval_steps=100",
+       "eval.train_cer_samples=0", "training.metric_for_best_model=eval_loss", "training.max_steps=6", "training.save_steps=2", "training.eval_steps=100",
        "training.save_total_limit=2"]
 
 

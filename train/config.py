@@ -259,6 +259,12 @@ def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
         problems.append(
             f"resume_from_checkpoint {resume!r} is not a folder; use null, latest or a path to checkpoint-N"
         )
+    best = cfg.training.get("metric_for_best_model")
+    if best in ("eval_cer", "eval_cer_norm", "eval_line_acc") and cfg.eval.train_cer_samples <= 0:
+        problems.append(
+            f"training.metric_for_best_model {best!r} needs CER during training: set eval.train_cer_samples > 0 "
+            "or pick eval_loss"
+        )
     for key, owner in _OWNED_TRAINING_KEYS.items():
         if key in cfg.training:
             problems.append(f"training.{key} is not allowed here; it is set by {owner}")
