@@ -260,7 +260,8 @@ def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
             f"resume_from_checkpoint {resume!r} is not a folder; use null, latest or a path to checkpoint-N"
         )
     best = cfg.training.get("metric_for_best_model")
-    if best in ("eval_cer", "eval_cer_norm", "eval_line_acc") and cfg.eval.train_cer_samples <= 0:
+    evaluating = cfg.training.get("eval_strategy", "no") != "no"
+    if evaluating and best in ("eval_cer", "eval_cer_norm", "eval_line_acc") and cfg.eval.train_cer_samples <= 0:
         problems.append(
             f"training.metric_for_best_model {best!r} needs CER during training: set eval.train_cer_samples > 0 "
             "or pick eval_loss"
