@@ -1,4 +1,4 @@
-"""Character error rate of one or several models on a split, with batched greedy generation.
+r"""Character error rate of one or several models on a split, with batched greedy generation.
 
     python eval/eval_cer.py --ckpt runs/v1_lora_zh/checkpoint-1500            # self-describing checkpoint
     python eval/eval_cer.py --ckpt deepseek-ai/DeepSeek-OCR --config configs/v1_lora_zh.yaml   # base model
@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from collator.deepseek_ocr import DeepSeekOCRDataCollator
     from eval.common import GenerationSettings, generate_batched, max_new_tokens_for
     from train.loading import default_device, load_for_eval
 
@@ -160,14 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
             loaded = load_for_eval(ckpt, cfg=base_cfg, overrides=args.overrides, device=device)
         except (CheckpointError, ConfigError) as e:  # e.g. an adapter trained on another base model
             raise SystemExit(f"error: {e}") from None
-        cfg = loaded.cfg
-        family, model = loaded.family, loaded.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        mode = family.default_image_mode if cfg.collator.image_mode == "default" else cfg.collator.image_mode
-        collator = DeepSeekOCRDataCollator(
-            tokenizer=loaded.tokenizer, family=family, image_processor=family.image_processor(base, mode),
-            image_token_id=family.image_token_id(base), train=False,
-        )
+        family, model, mode = loaded.family, loaded.model, loaded.image_mode
+        collator = loaded.make_collator(train=False)
         ev = shared.eval
         settings = GenerationSettings(
             batch_size=ev.batch_size, no_repeat_ngram_size=ev.no_repeat_ngram_size,
@@ -186,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = out_root if single else out_root / name
         corpus, per_line = score_and_write(name, preds, shared, out_dir, extra)
         results.append((name, corpus, per_line))
-        del loaded, model, base
+        del loaded, model
     # ---------------------------------------------- peers on the same lines (optional extra)
     for engine in args.peer:
         from eval.peers import recognize_lines

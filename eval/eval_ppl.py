@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg is None and not is_checkpoint(args.ckpt):
         raise SystemExit(f"error: --ckpt {args.ckpt!r} is not a checkpoint of this pipeline; pass --config FILE too")
 
-    from collator.deepseek_ocr import DeepSeekOCRDataCollator
     from eval.common import corpus_nll
     from eval.eval_cer import load_records
     from eval.metrics import perplexity
@@ -46,13 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = default_device()
     loaded = load_for_eval(args.ckpt, cfg=None if is_checkpoint(args.ckpt) else cfg, overrides=args.overrides, device=device)
     cfg = loaded.cfg
-    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
-    family = loaded.family
-    mode = family.default_image_mode if cfg.collator.image_mode == "default" else cfg.collator.image_mode
-    collator = DeepSeekOCRDataCollator(
-        tokenizer=loaded.tokenizer, family=family, image_processor=family.image_processor(base, mode),
-        image_token_id=family.image_token_id(base), supervised_logits_only=family.supports_logits_to_keep,
-    )
+    collator = loaded.make_collator(train=True)  # train layout: prompt + answer + EOS, labels on the answer
     records = load_records(cfg)
     start = time.perf_counter()
     total, tokens = corpus_nll(loaded.model, collator, records, cfg.eval.batch_size, device, progress=True)

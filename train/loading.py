@@ -8,8 +8,8 @@ checkpoint folder, which carries its own ``run_config.yaml`` and needs nothing e
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,23 @@ class Loaded:
     tokenizer: Any
     model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
     adapter: str | None = None  # checkpoint folder the LoRA adapter came from, if any
+
+    @property
+    def image_mode(self) -> str:
+        """``collator.image_mode``, with ``default`` resolved to the family's default mode."""
+        mode = self.cfg.collator.image_mode
+        return self.family.default_image_mode if mode == "default" else mode
+
+    def make_collator(self, train: bool = True):
+        """The run's ``DeepSeekOCRDataCollator``: sizes and ids from the (base) model config."""
+        from collator.deepseek_ocr import DeepSeekOCRDataCollator
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return DeepSeekOCRDataCollator(
+            tokenizer=self.tokenizer, family=self.family, image_processor=self.family.image_processor(base, self.image_mode),
+            image_token_id=self.family.image_token_id(base), train=train,
+            supervised_logits_only=self.family.supports_logits_to_keep,
+        )
 
 
 def load_base(cfg: RunConfig, device: torch.device | None = None) -> Loaded:

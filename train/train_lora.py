@@ -53,7 +53,6 @@ def main(cfg: RunConfig) -> dict:
     # Heavy imports (torch, transformers, datasets) only after the config parsed: a typo fails at once.
     from transformers import set_seed
 
-    from collator.deepseek_ocr import DeepSeekOCRDataCollator
     from train.loading import add_lora, load_base
     from train.trainer import OCRTrainer, peak_memory_gib, resolve_resume
 
@@ -70,8 +69,7 @@ def main(cfg: RunConfig) -> dict:
     # it two fresh runs of one config start from different adapters and can never match bit for bit.
     set_seed(cfg.seed)
     loaded = load_base(cfg, args.device)
-    family, tokenizer = loaded.family, loaded.tokenizer
-    base_model = loaded.model
+    family = loaded.family
     trainable = add_lora(loaded)
     model = loaded.model
     if args.gradient_checkpointing:
@@ -81,12 +79,8 @@ def main(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------- data and collator
     train_ds, eval_ds = build_datasets(cfg, output_dir)
-    image_mode = family.default_image_mode if cfg.collator.image_mode == "default" else cfg.collator.image_mode
-    collator = DeepSeekOCRDataCollator(
-        tokenizer=tokenizer, family=family, image_processor=family.image_processor(base_model, image_mode),
-        image_token_id=family.image_token_id(base_model),
-        supervised_logits_only=family.supports_logits_to_keep,
-    )
+    image_mode = loaded.image_mode
+    collator = loaded.make_collator(train=True)
     n_cer = min(cfg.eval.train_cer_samples, len(eval_ds))
     cer_records = [eval_ds[i] for i in range(n_cer)]  # fixed: the first rows of the eval split
     world = max(args.world_size, 1)
