@@ -24,6 +24,33 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+# Minimum versions the code relies on (requirements.txt pins the tested ones).
+MIN_VERSIONS = {
+    "transformers": "5.14.0",  # DeepSeek-OCR-2 native, Trainer/PEFT behaviour we build on
+    "peft": "0.21.0",  # target_parameters for OCR-2's fused experts
+    "torch": "2.6.0",
+}
+
+
+def check_versions() -> None:
+    """Fail early, naming the package and the fix, when an installed version is too old."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    problems = []
+    for name, minimum in MIN_VERSIONS.items():
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            problems.append(f"{name} is not installed (need >= {minimum})")
+            continue
+        if Version(have.split("+")[0]) < Version(minimum):
+            problems.append(f"{name} {have} < {minimum}")
+    if problems:
+        raise RuntimeError("; ".join(problems) + ". To fix: pip install -r requirements.txt")
+
+
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """``auto`` = bfloat16 on a CUDA device that supports it, else float32 (CPU bf16 is slow and lossy)."""
     if name == "float32":
@@ -69,6 +96,7 @@ class Loaded:
 
 def load_base(cfg: RunConfig, device: torch.device | None = None) -> Loaded:
     """Tokenizer and base model named by ``cfg.model`` (hub id or folder), in the resolved dtype."""
+    check_versions()
     family = get_family(cfg.model.family)
     dtype = resolve_dtype(cfg.model.dtype, device)
     tokenizer = family.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
