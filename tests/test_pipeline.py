@@ -83,6 +83,15 @@ def test_train_checkpoint_resume_evaluate(family, tiny_cfg, tiny_model_dirs, tmp
     again = eval_cer.main(["--ckpt", str(run / "final"), "--out", str(tmp_path / "again"), "eval.split=val",
                            "eval.max_samples=4", "eval.batch_size=4"])
     assert list(again.values())[0]["cer_raw"] == metrics["eval_cer"]
+    # ... and eval_ppl.py gives the in-training perplexity, whatever its batch size (summed NLL, not means)
+    from eval import eval_ppl
+
+    for bs in (1, 4):
+        ppl = eval_ppl.main(["--ckpt", str(run / "final"), "--out", str(tmp_path / f"ppl{bs}"), "eval.split=val",
+                             "eval.max_samples=4", f"eval.batch_size={bs}"])
+        assert ppl["target_tokens"] == metrics["eval_target_tokens"]
+        assert abs(ppl["perplexity"] - metrics["eval_perplexity"]) <= 1e-4 * metrics["eval_perplexity"]
+        assert (tmp_path / f"ppl{bs}" / "perplexity.json").is_file()
 
     # ---- base vs fine-tuned: one command, one report with plots
     from PIL import Image
