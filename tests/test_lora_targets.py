@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from train.loading import add_lora, load_adapter, load_base
 
 
