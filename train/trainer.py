@@ -188,7 +188,10 @@ class OCRTrainer(Trainer):
         collator: DeepSeekOCRDataCollator = self.data_collator
         device = self.args.device
         start = time.perf_counter()
-        records = [dataset[i] for i in range(len(dataset))]
+        # Decoded once per dataset and kept: every eval_steps re-scores the same lines (images are small).
+        if getattr(self, "_eval_cache_key", None) is not dataset:
+            self._eval_cache_key, self._eval_records = dataset, [dataset[i] for i in range(len(dataset))]
+        records = self._eval_records
         total, tokens = corpus_nll(self.model, collator, records, self.args.per_device_eval_batch_size, device)
         metrics = {
             f"{metric_key_prefix}_loss": total / max(tokens, 1),
