@@ -29,7 +29,7 @@ setup: fonts $(VENV)/.installed
 # minutes), make a tiny random v1, fine-tune it on CPU with checkpoints, then score base vs fine-tuned.
 demo: setup
 	$(PY) -m data.generate --preset demo --out $(DEMO_DATA) --train 2000 --val 200 --test 200 --seed 0
-	$(PY) -m train.models.make_tiny --family deepseek_ocr_v1 --out $(DEMO_MODEL)
+	$(PY) -m dsocr.models.make_tiny --family deepseek_ocr_v1 --out $(DEMO_MODEL)
 	$(PY) train/train_lora.py --config configs/tiny_cpu.yaml
 	$(PY) eval/eval_cer.py --config configs/tiny_cpu.yaml --ckpt $(DEMO_MODEL) --ckpt runs/tiny_cpu/final \
 	  --name base --name finetuned --out runs/tiny_cpu/compare

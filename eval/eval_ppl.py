@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from train.config import ConfigError, load_config
-    from train.loading import is_checkpoint
+    from dsocr.checkpoints import is_checkpoint
+    from dsocr.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides) if args.config else None
@@ -37,16 +37,17 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg is None and not is_checkpoint(args.ckpt):
         raise SystemExit(f"error: --ckpt {args.ckpt!r} is not a checkpoint of this pipeline; pass --config FILE too")
 
-    from eval.common import corpus_nll
-    from eval.eval_cer import load_records
-    from eval.metrics import perplexity
-    from train.loading import default_device, load_for_eval
+    from dsocr.datasets import load_eval_records
+    from dsocr.devices import default_device
+    from dsocr.generation import corpus_nll
+    from dsocr.loading import load_for_eval
+    from dsocr.metrics import perplexity
 
     device = default_device()
     loaded = load_for_eval(args.ckpt, cfg=None if is_checkpoint(args.ckpt) else cfg, overrides=args.overrides, device=device)
     cfg = loaded.cfg
     collator = loaded.make_collator(train=True)  # train layout: prompt + answer + EOS, labels on the answer
-    records = load_records(cfg)
+    records = load_eval_records(cfg)
     start = time.perf_counter()
     total, tokens = corpus_nll(loaded.model, collator, records, cfg.eval.batch_size, device, progress=True)
     metrics = {"perplexity": perplexity(total, tokens), "total_nll": total, "target_tokens": tokens,

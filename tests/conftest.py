@@ -35,7 +35,7 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """``family -> folder`` of a tiny random model, made on first use."""
-    from train.models.make_tiny import make_tiny
+    from dsocr.models.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny_models")
     cache: dict[str, Path] = {}
@@ -51,7 +51,7 @@ def tiny_model_dirs(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(tmp_path, demo_data, tiny_model_dirs):
     """``(family, *overrides) -> RunConfig`` of the shipped tiny config pointed at test folders."""
-    from train.config import load_config
+    from dsocr.config import load_config
 
     def make(family: str, *overrides: str):
         return load_config(

@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 
 from collator.deepseek_ocr import IGNORE_INDEX, DeepSeekOCRDataCollator
-from train.models import get_family
-from train.models.tokenizer import build_offline_tokenizer
+from dsocr.models import get_family
+from dsocr.models.tokenizer import build_offline_tokenizer
 
-FREE_OCR_IDS = [201, 21431, 126041, 16]  # "\nFree OCR." (REFERENCE.md §1.5, golden fixtures)
+FREE_OCR_IDS = [201, 21431, 126041, 16]  # "\nFree OCR." (docs/MODEL_NOTES.md §2, golden fixtures)
 ANSWER_IDS = [1880, 1418, 29941, 2372, 3255, 21]  # 海信LED46EC3
 
 

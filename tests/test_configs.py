@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, RunConfig, load_config, training_arguments
+from dsocr.config import ConfigError, RunConfig, load_config, training_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

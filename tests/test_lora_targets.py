@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from train.loading import add_lora, load_adapter, load_base
+from dsocr.loading import add_lora, load_adapter, load_base
 
 
 @pytest.mark.parametrize("family", FAMILIES)

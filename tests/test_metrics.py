@@ -1,4 +1,4 @@
-"""Pin every metric and error kind of eval/metrics.py on hand-made Chinese lines with exact numbers."""
+"""Pin every metric and error kind of dsocr/metrics.py on hand-made Chinese lines with exact numbers."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import jiwer
 import pytest
 
-from eval.metrics import (
+from dsocr.metrics import (
     ERROR_KINDS,
     ErrorKindConfig,
     NormalizeConfig,
@@ -16,7 +16,7 @@ from eval.metrics import (
     score_lines,
 )
 
-NORM = NormalizeConfig()  # NFKC + remove whitespace (REFERENCE §7's "norm")
+NORM = NormalizeConfig()  # NFKC + remove whitespace (docs/MODEL_NOTES.md §7)
 
 
 def score(refs, hyps, **kw):

@@ -1,6 +1,6 @@
 """Peer OCR engines: clear errors when missing; when installed, a rendered line is read and scored.
 
-Engines are optional (see eval/peers.py for the install commands); their tests skip when absent.
+Engines are optional (see dsocr/peers.py for the install commands); their tests skip when absent.
 """
 
 import subprocess
@@ -10,11 +10,11 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from eval import peers
-from eval.metrics import NormalizeConfig
+from dsocr.metrics import NormalizeConfig
 
 NORM = NormalizeConfig()
 
-# REFERENCE §7-like probe lines: review, receipt with ￥, phone/order numbers, address, poem.
+# Probe lines of the kinds peers are usually compared on: review, receipt with ￥, phone/order numbers, address, poem.
 PROBE = [
     "海信LED46EC3发票金额￥128.00",
     "物流很快，包装完好，五星好评！",

@@ -5,8 +5,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from eval.metrics import NormalizeConfig, score_lines
-from eval.report import find_cjk_font, write_comparison_report
+from dsocr.metrics import NormalizeConfig, score_lines
+from dsocr.report import find_cjk_font, write_comparison_report
 
 REFS = ["海信LED46EC3发票金额", "物流很快", "他很瘦", "今天天气很好", "点心", "你好"]
 IDS = [f"line-{i}" for i in range(len(REFS))]

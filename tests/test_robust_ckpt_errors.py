@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, TINY_CONFIG
 
 from eval import eval_cer
-from train.config import save_config
+from dsocr.config import save_config
 
 
 def complete(folder: Path, cfg, base: str | None = None) -> Path:
@@ -77,7 +77,7 @@ def test_ckpt_half_written(run):
 
 
 def eval_cer_cfg(run: Path):
-    from train.config import load_saved_config
+    from dsocr.config import load_saved_config
 
     return load_saved_config(run / "checkpoint-2")
 

@@ -1,7 +1,7 @@
 """Kill training at the worst moments, resume with ``latest``, and end bit-for-bit where an uninterrupted run ends.
 
 The training script runs as a real subprocess, SIGKILLed (no handler, no cleanup: what an OOM killer or a
-preempted node does) at exact places chosen with the ``OCR_TEST_PAUSE`` hook of train/checkpointing.py:
+preempted node does) at exact places chosen with the ``OCR_TEST_PAUSE`` hook of dsocr/checkpointing.py:
 the run pauses there, writes ``<run>/.test-paused``, and the test kills it. No timers, no races.
 """
 
@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, TINY_CONFIG
 from safetensors.torch import load_file
 
-from train.checkpointing import PAUSE_ENV, is_complete_checkpoint, list_checkpoints, rotate
-from train.trainer import resolve_resume
+from dsocr.checkpointing import PAUSE_ENV, is_complete_checkpoint, list_checkpoints, rotate
+from dsocr.trainer import resolve_resume
 
 # 6 optimizer steps of batch 2 over 8 lines (a second epoch starts after step 4), a checkpoint every 2
 # steps, at most 2 kept. Evaluation is on (so a fresh run evaluates before step 1, a resumed one does

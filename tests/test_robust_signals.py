@@ -21,7 +21,7 @@ from test_robust_resume import (
     wait_paused,
 )
 
-from train.checkpointing import EXIT_INTERRUPTED, is_complete_checkpoint
+from dsocr.checkpointing import EXIT_INTERRUPTED, is_complete_checkpoint
 
 
 def test_sigterm_saves_current_step_exits_75_and_resumes_bitwise(demo_data, tiny_model_dirs, tmp_path,

@@ -15,9 +15,9 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from train.models.deepseek_ocr_v1 import modeling  # noqa: E402
-from train.models.deepseek_ocr_v1.family import DeepseekOCRv1Family, tiny_config  # noqa: E402
-from train.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM  # noqa: E402
+from dsocr.models.deepseek_ocr_v1 import grouped_experts  # noqa: E402
+from dsocr.models.deepseek_ocr_v1.family import DeepseekOCRv1Family, tiny_config  # noqa: E402
+from dsocr.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM  # noqa: E402
 
 FAMILY = DeepseekOCRv1Family()
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,17 +76,18 @@ def _run(moe, x, impl: str):
 def _compare(moe, x, atol=1e-5):
     y_loop, gx_loop, g_loop = _run(moe, x, "loop")
     ran = []
-    real = moe._grouped_experts
+    real = moe._grouped.forward
+
     def spy(*a):
         out = real(*a)
         ran.append(out is not None)
         return out
 
-    moe._grouped_experts = spy
+    moe._grouped.forward = spy
     try:
         y_grp, gx_grp, g_grp = _run(moe, x, "grouped")
     finally:
-        del moe._grouped_experts
+        del moe._grouped.forward
     assert ran and all(ran), "the grouped path did not run"
     torch.testing.assert_close(y_grp, y_loop, atol=atol, rtol=1e-5)
     torch.testing.assert_close(gx_grp, gx_loop, atol=atol, rtol=1e-5)
@@ -109,7 +110,7 @@ def test_grouped_equals_loop_with_lora_unbalanced_and_empty_expert():
     idx = _force_routing(moe, 33)
     counts = torch.bincount(idx.reshape(-1), minlength=len(moe.experts))
     assert counts[-1] == 0 and counts[0] > 2 * counts[1:-1].max()
-    assert modeling._grouped_kernel_fits(x, [64, 32, 4])  # the grouped GEMM kernel itself runs here
+    assert grouped_experts._grouped_kernel_fits(x, [64, 32, 4])  # the grouped GEMM kernel itself runs here
     _compare(moe, x)
 
 
@@ -119,8 +120,8 @@ def test_reference_path_without_grouped_kernel(monkeypatch):
     x = torch.randn(2, 9, model.config.hidden_size)
     _force_routing(moe, 18)
     calls = []
-    real = modeling._gmm
-    monkeypatch.setattr(modeling, "_gmm", lambda *a: calls.append(a[3] is not None) or real(*a))
+    real = grouped_experts._gmm
+    monkeypatch.setattr(grouped_experts, "_gmm", lambda *a: calls.append(a[3] is not None) or real(*a))
     _compare(moe, x)
     assert calls and all(calls)
 
@@ -154,11 +155,28 @@ def test_dropout_in_training_falls_back_to_loop(caplog):
     model.train()
     x = torch.randn(1, 5, model.config.hidden_size)
     with caplog.at_level(logging.WARNING):
-        modeling._LOGGED_FALLBACKS.clear()
-        assert moe._grouped_experts(x.reshape(-1, x.shape[-1]), torch.zeros(5, dtype=torch.long)) is None
+        grouped_experts._LOGGED_FALLBACKS.clear()
+        assert moe._grouped.forward(moe.experts, x.reshape(-1, x.shape[-1]), torch.zeros(5, dtype=torch.long)) is None
     assert "looping over experts" in caplog.text
     model.eval()  # dropout inactive in eval: the grouped path is exact again
-    assert moe._grouped_experts(x.reshape(-1, x.shape[-1]), torch.zeros(5, dtype=torch.long)) is not None
+    assert moe._grouped.forward(moe.experts, x.reshape(-1, x.shape[-1]), torch.zeros(5, dtype=torch.long)) is not None
+
+
+def _whole_model_grads(model, impl: str, ids, labels):
+    model.base_model.model.config.moe_implementation = impl
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same_grads(grouped: dict, loop: dict, **tol):
+    """Every gradient of the loop path equals the grouped one; grads only the grouped path has are zero."""
+    for name, g in loop.items():
+        torch.testing.assert_close(grouped[name], g, msg=name, **tol)
+    for name in grouped.keys() - loop.keys():  # an expert no token reached: no grad in the loop
+        assert torch.count_nonzero(grouped[name]) == 0, name
 
 
 def test_whole_model_loss_and_grads_equal():
@@ -166,17 +184,40 @@ def test_whole_model_loss_and_grads_equal():
     ids = torch.randint(3, 1000, (2, 12))
     labels = ids.clone()
     labels[:, :4] = -100
-    results = {}
-    for impl in ("loop", "grouped"):
-        model.base_model.model.config.moe_implementation = impl
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
-        loss.backward()
-        grads = torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters()
-                           if p.requires_grad and p.grad is not None and "experts." not in n])
-        results[impl] = (loss.detach(), grads)
-    torch.testing.assert_close(results["grouped"][0], results["loop"][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results["grouped"][1], results["loop"][1], atol=1e-5, rtol=1e-5)
+    loss_loop, g_loop = _whole_model_grads(model, "loop", ids, labels)
+    loss_grp, g_grp = _whole_model_grads(model, "grouped", ids, labels)
+    torch.testing.assert_close(loss_grp, loss_loop, atol=1e-5, rtol=1e-5)
+    # The routed experts' LoRA weights are part of the comparison (the grouped kernel computes them).
+    expert_lora = [n for n in g_loop if ".mlp.experts." in n and "lora_" in n]
+    assert len(expert_lora) >= 2 * 3 * 2, expert_lora  # at least two experts x gate/up/down x A/B
+    assert any("self_attn" in n for n in g_loop) and any("shared_experts" in n for n in g_loop)
+    _assert_same_grads(g_grp, g_loop, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_grouped_equals_loop_bf16_cuda():
+    """The GPU recipe's path: bf16 weights on CUDA, where the grouped GEMM kernel (not the CPU one) runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = _lora_model(n_experts=8).to("cuda", torch.bfloat16)
+    moe = _moe(model)
+    x = torch.randn(4, 64, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    assert grouped_experts._grouped_kernel_fits(x, [model.config.hidden_size, model.config.moe_intermediate_size, 4])
+    # bf16 has an 8-bit mantissa and the two paths sum in different orders: compare at bf16 resolution,
+    # relative to each tensor's scale.
+    y_loop, gx_loop, g_loop = _run(moe, x, "loop")
+    y_grp, gx_grp, g_grp = _run(moe, x, "grouped")
+    scale = y_loop.float().abs().max()
+    torch.testing.assert_close(y_grp.float() / scale, y_loop.float() / scale, atol=2e-2, rtol=0)
+    for name, g in g_loop.items():
+        s = g.float().abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(g_grp[name].float() / s, g.float() / s, atol=3e-2, rtol=0, msg=name)
+    ids = torch.randint(3, 1000, (2, 48), device="cuda")
+    labels = ids.clone()
+    labels[:, :8] = -100
+    loss_loop, _ = _whole_model_grads(model, "loop", ids, labels)
+    loss_grp, _ = _whole_model_grads(model, "grouped", ids, labels)
+    torch.testing.assert_close(loss_grp.float(), loss_loop.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_config_rejects_unknown_moe_implementation():

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from transformers.initialization import no_init_weights
 
-from train.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
-from train.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
-from train.models.deepseek_ocr_v1.processing import DeepseekOCRImageProcessor
+from dsocr.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
+from dsocr.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
+from dsocr.models.deepseek_ocr_v1.processing import DeepseekOCRImageProcessor
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "deepseek_ocr_v1"
 FORWARD = json.loads((GOLDEN / "forward.json").read_text())

@@ -16,9 +16,9 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from train.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
-from train.models.deepseek_ocr_v1.family import DeepseekOCRv1Family, tiny_config
-from train.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
+from dsocr.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
+from dsocr.models.deepseek_ocr_v1.family import DeepseekOCRv1Family, tiny_config
+from dsocr.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "deepseek_ocr_v1"
 FAMILY = DeepseekOCRv1Family()

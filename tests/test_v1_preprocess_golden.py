@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.models.deepseek_ocr_v1.processing import DeepseekOCRImageProcessor
+from dsocr.models.deepseek_ocr_v1.processing import DeepseekOCRImageProcessor
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden" / "deepseek_ocr_v1"
 GOLDEN = json.loads((GOLDEN_DIR / "preprocess.json").read_text(encoding="utf-8"))
@@ -80,7 +80,7 @@ def test_image_file_matches_recorded_sha256(name):
 
 
 def test_offline_tokenizer_encodes_recorded_prompt_ids():
-    from train.models.tokenizer import build_offline_tokenizer
+    from dsocr.models.tokenizer import build_offline_tokenizer
 
     tok = build_offline_tokenizer()
     assert tok.encode(TOK["prompt_text_after_image"], add_special_tokens=False) == PROMPT_IDS

@@ -1,4 +1,4 @@
-"""Unit tests of DeepSeek-OCR v1 preprocessing on hand-built images (REFERENCE.md §1.3–§1.4).
+"""Unit tests of DeepSeek-OCR v1 preprocessing on hand-built images (docs/MODEL_NOTES.md §3).
 
 The bit-exact comparison with the official code lives in test_v1_preprocess_golden.py; these tests pin the
 rules (token counts, tiling, letterbox geometry, value range) on sizes the goldens do not cover.
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.models.base import ImageInputs
-from train.models.deepseek_ocr_v1.processing import (
+from dsocr.models.base import ImageInputs
+from dsocr.models.deepseek_ocr_v1.processing import (
     PAD_COLOR,
     TILE_SIZE,
     V1_MODES,
@@ -21,7 +21,7 @@ from train.models.deepseek_ocr_v1.processing import (
     tile_grid_candidates,
 )
 
-# Global view + newlines + separator = n (n + 1) + 1, n = size / 64 (REFERENCE.md §1.3).
+# Global view + newlines + separator = n (n + 1) + 1, n = size / 64 (docs/MODEL_NOTES.md §3).
 GLOBAL_TOKENS = {"tiny": 73, "small": 111, "base": 273, "large": 421, "gundam": 273}
 
 
@@ -56,7 +56,7 @@ def test_non_crop_modes_have_a_fixed_count_and_no_tiles(mode, size):
         ((640, 640), (1, 1), 273),  # the threshold is "> 640", so 640 itself does not tile
         ((640, 100), (1, 1), 273),
         ((641, 640), (2, 2), 273 + 21 * 20),  # one pixel more: 4 tiles (aspect ~1, (1,1) is no candidate)
-        ((1500, 500), (3, 1), 583),  # REFERENCE.md §1.3, verified on the official code: 273 + 31 * 10
+        ((1500, 500), (3, 1), 583),  # docs/MODEL_NOTES.md §3, verified on the official code: 273 + 31 * 10
         ((500, 1500), (1, 3), 273 + 11 * 30),
         ((1400, 64), (9, 1), 1183),  # a long text line (golden line_wide): aspect > 9 -> 9 tiles
         ((1280, 640), (2, 1), 273 + 21 * 10),  # aspect 2 exactly; area below the (4,2) tie threshold
@@ -71,7 +71,7 @@ def test_gundam_counts(size, grid, tokens):
 
 
 def test_tile_grid_candidates_in_official_order():
-    # REFERENCE.md §1.4 (the official set, sorted by tile count; same on CPython 3.8-3.13).
+    # docs/MODEL_NOTES.md §3 (the official set, sorted by tile count; same on CPython 3.8-3.13).
     expected = [
         (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
         (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1),

@@ -3,12 +3,14 @@
     python train/train_lora.py --config configs/v1_lora_zh.yaml                      # the seed recipe
     python train/train_lora.py --config configs/tiny_cpu.yaml training.max_steps=20  # CPU demo
     python train/train_lora.py --config configs/v1_lora_zh.yaml resume_from_checkpoint=latest
+    python train/train_lora.py --config configs/v1_lora_zh.yaml resume_from_checkpoint=auto   # requeued jobs
 
 SIGTERM/SIGINT (e.g. a preempted job) saves a checkpoint at the end of the current optimizer step and
 exits with code 75 (resume with ``resume_from_checkpoint=latest``); a second signal exits at once.
-Checkpoints are written atomically, so a kill at any moment leaves the previous one usable.
+Checkpoints are written atomically, so a kill at any moment leaves the previous one usable. Resuming a run
+that already reached ``max_steps`` trains nothing and leaves ``final/`` as it is.
 
-The YAML fully describes the run (train/config.py documents every key); ``key=value`` refines it.
+The YAML fully describes the run (dsocr/config.py documents every key); ``key=value`` refines it.
 The resolved config is saved in the run folder and in every checkpoint, so
 ``python eval/eval_cer.py --ckpt runs/x/checkpoint-500`` needs nothing else.
 """
@@ -21,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from train.config import RunConfig, parse_cli, save_config, training_arguments
+from dsocr.config import RunConfig, parse_cli, save_config, training_arguments
 
 log = logging.getLogger("train_lora")
 
@@ -33,36 +35,34 @@ def setup_logging(output_dir: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers, force=True)
 
 
-def build_datasets(cfg: RunConfig, output_dir: Path):
-    """Train and eval splits as conversation datasets; bad records follow ``data.on_bad_record``."""
-    from data.convert import ConversationDataset
-    from data.loader import load_split
-
-    d = cfg.data
-    common = dict(column_map=dict(d.column_map), image_root=d.image_root)
-    skipped_log = output_dir / "skipped_records.jsonl" if d.on_bad_record == "skip" else None
-    wrap = dict(instruction=cfg.collator.instruction, on_bad_record=d.on_bad_record,
-                skipped_log=skipped_log, max_label_chars=d.max_label_chars)
-    train = ConversationDataset(load_split(d.dataset, d.train_split, max_samples=d.max_train_samples, **common), **wrap)
-    evalset = ConversationDataset(load_split(d.dataset, d.eval_split, max_samples=d.max_eval_samples, **common), **wrap)
-    return train, evalset
-
-
 def main(cfg: RunConfig) -> dict:
     """Run one fine-tuning job described by ``cfg``; returns the final metrics."""
     # Heavy imports (torch, transformers, datasets) only after the config parsed: a typo fails at once.
     from transformers import set_seed
 
-    from train.loading import add_lora, load_base
-    from train.trainer import OCRTrainer, peak_memory_gib, resolve_resume
+    from dsocr.adapters import add_lora
+    from dsocr.checkpoints import plan_resume
+    from dsocr.datasets import SKIPPED_LOG, build_train_eval, skipped_counts
+    from dsocr.devices import peak_memory_gib
+    from dsocr.loading import load_base
+    from dsocr.checkpointing import finish_from_checkpoint
+    from dsocr.trainer import OCRTrainer
 
-    # ---------------------------------------------------------------- config and run folder
+    # ---------------------------------------------------------------- config, run folder, resume plan
     args = training_arguments(cfg)  # before any model loads: a bad training.* key fails in seconds
     output_dir = Path(cfg.output_dir)
     setup_logging(output_dir)
+    plan = plan_resume(cfg.resume_from_checkpoint, output_dir, args.max_steps)
+    log.info("run folder %s; %s", output_dir, plan.reason)
+    if plan.finished:
+        # A requeued job of a run that already ended: train nothing, keep final/ as it is.
+        return finish_from_checkpoint(plan.checkpoint, output_dir, cfg)
     save_config(cfg, output_dir)
-    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
-    log.info("run folder %s; resume from %s", output_dir, resume or "nothing (fresh run)")
+
+    # ---------------------------------------------------------------- data (before the model: fail fast)
+    # Opening the splits reads only metadata; a wrong path, split or column fails here, not after the
+    # 3B model has loaded.
+    train_ds, eval_ds = build_train_eval(cfg, output_dir)
 
     # ---------------------------------------------------------------- model + LoRA
     # Seed before the LoRA A matrices are drawn (the Trainer seeds only later, in its __init__): without
@@ -77,8 +77,7 @@ def main(cfg: RunConfig) -> dict:
         model.enable_input_require_grads()
     model.config.use_cache = False  # the cache is useless (and costs memory) when training
 
-    # ---------------------------------------------------------------- data and collator
-    train_ds, eval_ds = build_datasets(cfg, output_dir)
+    # ---------------------------------------------------------------- collator and derived sizes
     image_mode = loaded.image_mode
     collator = loaded.make_collator(train=True)
     n_cer = min(cfg.eval.train_cer_samples, len(eval_ds))
@@ -99,11 +98,11 @@ def main(cfg: RunConfig) -> dict:
         run_cfg=cfg, cer_records=cer_records,  # the trainer writes run_config.yaml into every checkpoint
     )
     before = None
-    if resume is None and args.eval_strategy != "no":
+    if plan.checkpoint is None and args.eval_strategy != "no":
         # The base model's starting point; RNG-neutral, so it cannot make fresh and resumed runs differ.
         before = trainer.evaluate(metric_key_prefix="eval_before")
     start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     elapsed = time.perf_counter() - start
     if trainer.stopped_by:  # SIGTERM/SIGINT: the step's checkpoint is saved; no final/ for a partial run
         log.warning("stopped by %s at step %d; saved %s. To resume: the same command with "
@@ -118,7 +117,10 @@ def main(cfg: RunConfig) -> dict:
     save_config(cfg, final_dir)
     metrics = dict(train_result.metrics)
     metrics["train_wall_s"] = round(elapsed, 2)
-    metrics["skipped_records"] = collator.num_skipped
+    # Counted from the log, which every DataLoader worker appends to; distinct records per split.
+    skipped = skipped_counts(output_dir)
+    metrics["skipped_records"] = skipped.get(cfg.data.train_split, 0)
+    metrics["skipped_eval_records"] = skipped.get(cfg.data.eval_split, 0)
     if (peak := peak_memory_gib(args.device)) is not None:
         metrics["peak_gpu_gib"] = round(peak, 2)
     if args.eval_strategy != "no":
@@ -132,18 +134,21 @@ def main(cfg: RunConfig) -> dict:
     if trainer.state.best_model_checkpoint:
         metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
     trainer.save_metrics("all", metrics)
-    if collator.num_skipped:
-        log.warning("%d bad records were skipped; see %s", collator.num_skipped, output_dir / "skipped_records.jsonl")
+    if skipped:
+        log.warning("bad records skipped: %s; see %s", skipped, output_dir / SKIPPED_LOG)
     log.info("final adapter in %s; metrics %s", final_dir, json.dumps(metrics, default=str))
     return metrics
 
 
 if __name__ == "__main__":
-    from train.checkpointing import EXIT_INTERRUPTED
-    from train.config import ConfigError
+    from data.images import BadRecordError
+    from data.loader import DataSourceError
+    from dsocr.checkpointing import EXIT_INTERRUPTED
+    from dsocr.checkpoints import CheckpointError
+    from dsocr.config import ConfigError
 
     try:
         result = main(parse_cli())
-    except ConfigError as e:  # e.g. a bad training.* field: a message, not a traceback
+    except (ConfigError, CheckpointError, DataSourceError, BadRecordError) as e:  # a message, not a traceback
         raise SystemExit(f"error: {e}") from None
     sys.exit(EXIT_INTERRUPTED if "interrupted_by" in result else 0)

@@ -1,4 +1,4 @@
-"""The DeepSeek-OCR tokenizer, built offline (REFERENCE.md §3).
+"""The DeepSeek-OCR tokenizer, built offline (docs/MODEL_NOTES.md §6).
 
 The hub checkpoints ship their own tokenizer; this builder exists so that tests and the CPU demo get the
 *real* vocabulary (same ids for BOS/EOS/PAD, ``<image>`` and the prompt) without hub access. The base BPE

@@ -1,6 +1,6 @@
 """Shared evaluation machinery: exact corpus NLL and fast batched greedy generation.
 
-Used by ``eval_ppl.py``, ``eval_cer.py`` and the CER-during-training hook of ``train_lora.py``.
+Used by ``eval_ppl.py``, ``eval_cer.py`` and the evaluation inside training (``dsocr.trainer``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from collator.deepseek_ocr import IGNORE_INDEX, DeepSeekOCRDataCollator
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+from dsocr.devices import batch_to, model_dtype
 
 
 @torch.no_grad()
@@ -29,12 +26,13 @@ def corpus_nll(model, collator: DeepSeekOCRDataCollator, records: Sequence, batc
     """
     was_training = model.training
     model.eval()
+    dtype = model_dtype(model)  # no autocast here: pixels must match the weights (bf16 on the GPU)
     total, tokens = 0.0, 0
     sums = []
     for start in tqdm(range(0, len(records), batch_size), desc="nll", disable=not progress):
         batch = collator(list(records[start:start + batch_size]))
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        batch = _to_device(batch, device)
+        batch = batch_to(batch, device, dtype)
         out = model(**batch, use_cache=False, num_items_in_batch=torch.tensor(n, device=device))
         sums.append(out.loss.detach().float() * n)  # kept on device: one sync at the end
         tokens += n
@@ -96,6 +94,7 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
     records = [r for r in records if r is not None]
     was_training = model.training
     model.eval()
+    dtype = model_dtype(model)
     tokenizer = collator.tokenizer
     gen_collator = DeepSeekOCRDataCollator(
         tokenizer=tokenizer, family=collator.family, image_processor=collator.image_processor,
@@ -108,7 +107,7 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
         idx = order[start:start + settings.batch_size]
         batch, ids, refs = gen_collator.generation_batch([records[i] for i in idx])
         width = batch["input_ids"].shape[1]
-        batch = _to_device(batch, device)
+        batch = batch_to(batch, device, dtype)
         out = model.generate(
             **batch, do_sample=False, num_beams=1, max_new_tokens=settings.max_new_tokens,
             no_repeat_ngram_size=settings.no_repeat_ngram_size or None,

@@ -1,7 +1,7 @@
 """DeepSeek-OCR-2 family: the native transformers implementation (``models/deepseek_ocr2``).
 
 Checkpoint: ``deepseek-community/DeepSeek-OCR-2`` (or a local copy). Token layout per image
-(REFERENCE.md §2): ``queries(global) + queries(tile) * n_tiles + 1`` slots (the last one is the view
+(docs/MODEL_NOTES.md §5): ``queries(global) + queries(tile) * n_tiles + 1`` slots (the last one is the view
 separator), no newlines. The query count is fixed by the model (144 learnt queries when SAM yields at
 most 144 patches, else 256), so it is derived here from the vision config rather than asked of
 ``DeepseekOcr2Processor``, whose hard-coded counts cannot drive a tiny test model.
@@ -91,16 +91,24 @@ class DeepseekOCR2Family(ModelFamily):
             )
         return model
 
-    def image_processor(self, model, image_mode: str) -> ImageProcessor:
-        """The checkpoint's own image-processor settings (``preprocessor_config.json``) plus the mode."""
+    def image_processor(self, model, image_mode: str, revision: str | None = None) -> ImageProcessor:
+        """The checkpoint's own image-processor settings (``preprocessor_config.json``) plus the mode.
+
+        A checkpoint without a readable ``preprocessor_config.json`` is an error: the processor's class
+        defaults are not guaranteed to be the checkpoint's sizes, and a silent fallback would train and
+        evaluate on other pixels than the model was made for.
+        """
         from transformers import DeepseekOcr2ImageProcessorPil
 
         source = getattr(model, "name_or_path", None) or model.config._name_or_path
         try:
-            hf = DeepseekOcr2ImageProcessorPil.from_pretrained(source)
-        except OSError:
-            # A checkpoint without preprocessor_config.json: the processor's defaults are the official ones.
-            hf = DeepseekOcr2ImageProcessorPil()
+            hf = DeepseekOcr2ImageProcessorPil.from_pretrained(source, revision=revision)
+        except OSError as e:
+            raise ValueError(
+                f"cannot read the image processor settings (preprocessor_config.json) of {source!r}"
+                f"{f' at revision {revision!r}' if revision else ''}: {e}. To fix: copy preprocessor_config.json "
+                "from the hub checkpoint (deepseek-community/DeepSeek-OCR-2) into that folder."
+            ) from None
         return DeepseekOCR2ImageProcessor(hf, model.config.vision_config, image_mode)
 
     def collate_images(self, images: list[ImageInputs]) -> dict[str, torch.Tensor]:
@@ -124,7 +132,7 @@ class DeepseekOCR2Family(ModelFamily):
         """Regex on the language model's Linear layers + PEFT parameter targeting of the fused experts.
 
         The routed experts are fused 3-D Parameters (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]);
-        ``target_parameters`` adapts them (one adapter over gate+up, REFERENCE.md §2).
+        ``target_parameters`` adapts them (one adapter over gate+up, docs/MODEL_NOTES.md §5).
         """
         names = "|".join(sorted(module_names))
         target_parameters = []

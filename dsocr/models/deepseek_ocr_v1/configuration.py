@@ -1,4 +1,4 @@
-"""Configuration of native DeepSeek-OCR v1 (REFERENCE.md §1.1).
+"""Configuration of native DeepSeek-OCR v1 (docs/MODEL_NOTES.md §1).
 
 Reads the OFFICIAL ``config.json`` of ``deepseek-ai/DeepSeek-OCR`` as it is: the language-model keys sit at the
 top level and again under ``language_config`` (top level wins); ``vision_config`` and ``projector_config``

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import threading
@@ -34,44 +33,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsocr.checkpoints import (
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    is_complete_checkpoint,
+    leftover_temporaries,
+    list_checkpoints,
+)
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TMP_PREFIX = ".tmp-"  # .tmp-checkpoint-N: a save in progress (or interrupted)
-TRASH_PREFIX = ".trash-"  # .trash-checkpoint-N: a rotated checkpoint being deleted
 EXIT_INTERRUPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: resume with latest
 PAUSE_ENV = "OCR_TEST_PAUSE"
 # step: end of optimizer step N, before its log/eval/save | save: mid-save of checkpoint-N (adapter
 # written, optimizer not yet) | saved: right after checkpoint-N was published and rotation ran.
 PAUSE_POINTS = ("step", "save", "saved")
-
-
-# ------------------------------------------------------------------ finding checkpoints
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run, oldest first (by step, not by name or mtime)."""
-    folder = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def is_complete_checkpoint(path: Path) -> tuple[bool, str]:
-    """Whether a checkpoint has everything an exact resume needs; if not, which files are missing."""
-    path = Path(path)
-    needed = ["adapter_config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt", "run_config.yaml"]
-    missing = [n for n in needed if not (path / n).is_file()]
-    if not any((path / w).is_file() for w in ("adapter_model.safetensors", "adapter_model.bin")):
-        missing.append("adapter_model.safetensors")
-    if not any(path.glob("rng_state*.pth")):  # without it dropout & co. restart from another RNG state
-        missing.append("rng_state.pth")
-    return (not missing, ", ".join(missing))
-
-
-def leftover_temporaries(output_dir: str | Path) -> list[Path]:
-    """``.tmp-*`` and ``.trash-*`` folders left by a save or rotation that was interrupted."""
-    folder = Path(output_dir)
-    return sorted(p for p in folder.glob(".*-checkpoint-*") if p.name.startswith((TMP_PREFIX, TRASH_PREFIX)))
 
 
 def clean_leftovers(output_dir: str | Path) -> None:
@@ -142,6 +118,36 @@ def rotate(output_dir: str | Path, limit: int | None, best: str | Path | None) -
         log.info("deleted %s (save_total_limit=%d)", ckpt, limit)
         deleted.append(ckpt)
     return deleted
+
+
+def finish_from_checkpoint(checkpoint: str | Path, output_dir: str | Path, cfg) -> dict:
+    """A run resumed at or past ``max_steps``: train nothing; make sure ``final/`` exists; return its metrics.
+
+    ``final/`` is left untouched when present. When a job died between its last checkpoint and writing
+    ``final/``, the adapter and run config of that checkpoint become ``final/`` (written atomically), which
+    is what the finished run would have saved.
+    """
+    import json
+
+    from dsocr.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE_NAME, checkpoint_step
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    step = checkpoint_step(checkpoint)
+    final = output_dir / "final"
+    if not final.is_dir():
+        tmp = output_dir / f"{TMP_PREFIX}final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS, CONFIG_FILE_NAME):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)
+        publish(tmp, final)
+        log.info("the run had finished at step %d but had no final/: wrote it from %s", step, checkpoint)
+    log.info("nothing to train: %s is at step %d, the run's max_steps; final adapter in %s", checkpoint, step, final)
+    results = output_dir / "all_results.json"
+    metrics = json.loads(results.read_text()) if results.is_file() else {}
+    metrics.update({"already_finished": True, "global_step": step, "final": str(final)})
+    return metrics
 
 
 # ------------------------------------------------------------------ RNG isolation

@@ -1,7 +1,7 @@
 """Training and evaluation speed of DeepSeek-OCR v1 (ours) and OCR-2 (transformers) on one GPU.
 
-    python -m train.benchmark --out DIR            # full-size models, random weights, one CUDA device
-    python -m train.benchmark --out DIR --quick    # tiny models on CPU in seconds (debugging, CI)
+    python -m bench.benchmark --out DIR            # full-size models, random weights, one CUDA device
+    python -m bench.benchmark --out DIR --quick    # tiny models on CPU in seconds (debugging, CI)
 
 Everything is measured in ONE run on ONE card, so every speed-up is a ratio against the in-run baseline:
 
@@ -12,7 +12,7 @@ Everything is measured in ONE run on ONE card, so every speed-up is a ratio agai
   larger batches), and the line-sized modes ``tiny`` (73 tokens) and ``small`` (111 tokens);
 * OCR-2: plain transformers (HF loss over all logits) against our pipeline's batches (supervised logits only)
   at the same batch;
-* evaluation: ``eval.common.generate_batched`` of 512 synthetic lines at a large batch against one line at a
+* evaluation: ``dsocr.generation.generate_batched`` of 512 synthetic lines at a large batch against one line at a
   time (timed on a subset; lines/s is a rate), same model, same ``max_new_tokens``.
 
 The model is full size with random weights (speed depends on shapes, not values), LoRA r=16 on
@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from collator.deepseek_ocr import DeepSeekOCRDataCollator
-from train.models import get_family
+from dsocr.models import get_family
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "<image>\nFree OCR."
@@ -245,9 +245,9 @@ def build_v1(device: torch.device, quick: bool):
     """Build full-size (or, quick, tiny) v1 on the device with the pipeline's LoRA; also the trainable count."""
     from peft import LoraConfig, get_peft_model
 
-    from train.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
-    from train.models.deepseek_ocr_v1.family import tiny_config
-    from train.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
+    from dsocr.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
+    from dsocr.models.deepseek_ocr_v1.family import tiny_config
+    from dsocr.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
 
     family = get_family("deepseek_ocr_v1")
     if quick:
@@ -260,7 +260,7 @@ def build_v1(device: torch.device, quick: bool):
         model = DeepseekOCRForCausalLM(config)
     model.to(device=device, dtype=dtype)
     targets = family.lora_targets(model, LORA_MODULES)
-    # The pipeline's LoraConfig (train.loading.add_lora): r=16, alpha=16 (configs/v1_lora_zh.yaml), no dropout.
+    # The pipeline's LoraConfig (dsocr.loading.add_lora): r=16, alpha=16 (configs/v1_lora_zh.yaml), no dropout.
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", **targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not quick and trainable != V1_LORA_COUNT:
@@ -269,7 +269,7 @@ def build_v1(device: torch.device, quick: bool):
 
 
 def build_ocr2(device: torch.device, quick: bool, tmp: Path):
-    """Full-size OCR-2 from REFERENCE.md §2 sizes (the config class defaults are NOT the official model)."""
+    """Full-size OCR-2 with the official checkpoint's sizes (the config class defaults are NOT the official model)."""
     from peft import LoraConfig, get_peft_model
     from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
 
@@ -426,7 +426,7 @@ def run(out_dir: Path, quick: bool, only: set[str] | None = None) -> dict:
     info["matmul_tflops"] = round(peak, 1)
     log(f"device {info['device']}; matmul {peak:.1f} TFLOP/s")
 
-    from train.models.tokenizer import build_offline_tokenizer
+    from dsocr.models.tokenizer import build_offline_tokenizer
 
     tokenizer = build_offline_tokenizer()
     records = synthetic_records(12 if quick else 512, seed=0)
@@ -545,7 +545,7 @@ def run(out_dir: Path, quick: bool, only: set[str] | None = None) -> dict:
 
 def eval_speed(model, collator, records, device, quick: bool) -> dict:
     """Batched greedy generation of N lines vs one line at a time (same model, same max_new_tokens)."""
-    from eval.common import GenerationSettings, generate_batched
+    from dsocr.generation import GenerationSettings, generate_batched
 
     n_all = 4 if quick else 512
     n_single = 2 if quick else 24

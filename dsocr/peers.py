@@ -1,11 +1,11 @@
 """Optional peer OCR engines (Tesseract, RapidOCR) scored through the same metrics as our model.
 
 A baseline is only comparable if it reads the same line crops and goes through the same
-:func:`eval.metrics.score_lines`; this module gives both. Neither engine is a dependency of the project:
+:func:`dsocr.metrics.score_lines`; this module gives both. Neither engine is a dependency of the project:
 each is imported when first used, and a missing one raises :class:`PeerEngineMissing` naming the install
 command. Tests skip when they are absent.
 
-Engines (recognition only, one text line per image; REFERENCE.md §7):
+Engines (recognition only, one text line per image):
 
 * ``tesseract``: Tesseract 5 ``chi_sim`` with ``--psm 7`` ("treat the image as a single text line") through
   pytesseract. Install: ``apt-get install tesseract-ocr tesseract-ocr-chi-sim`` and
@@ -17,8 +17,8 @@ Engines (recognition only, one text line per image; REFERENCE.md §7):
 
 Example::
 
-    from eval.metrics import NormalizeConfig
-    from eval.peers import benchmark_engine
+    from dsocr.metrics import NormalizeConfig
+    from dsocr.peers import benchmark_engine
     result = benchmark_engine("rapidocr", images, refs, normalize_cfg=NormalizeConfig())
     print(result["corpus"]["cer_norm"], result["lines_per_s"])
 """
@@ -30,7 +30,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
-from eval.metrics import NormalizeConfig, score_lines
+from dsocr.metrics import NormalizeConfig, score_lines
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -133,7 +133,7 @@ def benchmark_engine(
     normalize_cfg: NormalizeConfig,
     warmup: int = 1,
 ) -> dict:
-    """Recognise ``images`` with a peer engine, time it and score it with :func:`eval.metrics.score_lines`.
+    """Recognise ``images`` with a peer engine, time it and score it with :func:`dsocr.metrics.score_lines`.
 
     Args:
         engine: ``"tesseract"`` or ``"rapidocr"``.
@@ -144,7 +144,7 @@ def benchmark_engine(
 
     Returns:
         ``{"engine", "n_lines", "seconds", "lines_per_s", "hypotheses", "corpus", "per_line"}`` where
-        ``corpus`` / ``per_line`` are :func:`eval.metrics.score_lines`'s.
+        ``corpus`` / ``per_line`` are :func:`dsocr.metrics.score_lines`'s.
 
     Raises:
         ValueError: If ``images`` and ``refs`` differ in length or the engine name is unknown.

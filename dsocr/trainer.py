@@ -4,7 +4,7 @@
 exact corpus NLL over target tokens, and adds CER / line accuracy on a small fixed subset of the eval
 split, so ``metric_for_best_model: eval_cer`` can pick the best checkpoint by what users care about.
 
-Robustness (train/checkpointing.py has the mechanics), by overriding four ``Trainer`` methods:
+Robustness (dsocr/checkpointing.py has the mechanics), by overriding four ``Trainer`` methods:
 
 * ``_save_checkpoint``: HF writes straight into ``checkpoint-N`` (a kill mid-save leaves a folder that
   looks resumable) and we used to add ``run_config.yaml`` after it, in a callback. Ours writes the same
@@ -37,24 +37,15 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
 from collator.deepseek_ocr import DeepSeekOCRDataCollator
-from eval.common import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for
-from eval.metrics import perplexity
-from train.checkpointing import (
-    TMP_PREFIX,
-    StopOnSignal,
-    clean_leftovers,
-    is_complete_checkpoint,
-    leftover_temporaries,
-    list_checkpoints,
-    pause_for_test,
-    preserved_rng,
-    publish,
-    rotate,
-)
-from train.config import RunConfig, save_config
+from dsocr.adapters import peft_v5_renaming_off
+from dsocr.checkpointing import StopOnSignal, clean_leftovers, pause_for_test, preserved_rng, publish, rotate
+from dsocr.checkpoints import TMP_PREFIX
+from dsocr.config import RunConfig, save_config
+from dsocr.generation import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for
+from dsocr.metrics import NormalizeConfig, perplexity, score_lines
 
 log = logging.getLogger(__name__)
-__all__ = ["OCRTrainer", "is_complete_checkpoint", "list_checkpoints", "peak_memory_gib", "resolve_resume"]
+__all__ = ["OCRTrainer"]
 
 
 class OCRTrainer(Trainer):
@@ -110,8 +101,6 @@ class OCRTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """HF's resume loading, minus peft's v5 key renaming that would drop OCR-2's adapter weights."""
-        from train.loading import peft_v5_renaming_off
-
         with peft_v5_renaming_off():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -199,8 +188,6 @@ class OCRTrainer(Trainer):
             f"{metric_key_prefix}_target_tokens": tokens,
         }
         if self.cer_records:
-            from eval.metrics import NormalizeConfig, score_lines
-
             ev = self.run_cfg.eval
             settings = GenerationSettings(
                 batch_size=ev.batch_size,
@@ -222,41 +209,3 @@ class OCRTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> str | None:
-    """``null`` -> None; ``latest`` -> newest complete checkpoint (error if none); a path -> checked path.
-
-    Every skipped folder is logged with its reason: a half-written ``checkpoint-N`` (from before atomic
-    saves, or copied by hand) and a ``.tmp-checkpoint-N`` left by a save that was killed.
-    """
-    if resume is None:
-        return None
-    if resume == "latest":
-        for tmp in leftover_temporaries(output_dir):
-            log.warning("ignoring %s: a checkpoint save or rotation that was interrupted (deleted when training "
-                        "starts)", tmp)
-        for ckpt in reversed(list_checkpoints(output_dir)):
-            ok, missing = is_complete_checkpoint(ckpt)
-            if ok:
-                log.info("resume_from_checkpoint=latest -> %s", ckpt)
-                return str(ckpt)
-            log.warning("skipping incomplete checkpoint %s (missing: %s)", ckpt, missing)
-        raise FileNotFoundError(
-            f"resume_from_checkpoint=latest but {str(output_dir)!r} holds no complete checkpoint-N folder. "
-            "To fix: set resume_from_checkpoint: null to start fresh, or point it at a checkpoint folder."
-        )
-    ok, missing = is_complete_checkpoint(Path(resume))
-    if not ok:
-        raise FileNotFoundError(
-            f"resume_from_checkpoint {resume!r} is incomplete (missing: {missing}). To fix: point it at a "
-            "complete checkpoint-N folder, or use resume_from_checkpoint=latest to pick the newest complete one."
-        )
-    return resume
-
-
-def peak_memory_gib(device: torch.device) -> float | None:
-    """Peak allocated GPU memory in GiB (None on CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return None

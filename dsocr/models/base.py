@@ -3,9 +3,9 @@ r"""The small interface every model family implements.
 The pipeline (collator, training, both evaluations) never imports a model class directly: it asks the
 family named in the config (``model.family``) for the tokenizer, the model, the image preprocessing and
 the LoRA targets. Adding a model family means writing one ``ModelFamily`` subclass and registering it in
-``train/models/__init__.py``.
+``dsocr/models/__init__.py``.
 
-The token layout is shared by all DeepSeek-OCR families (REFERENCE.md §1.5, §2)::
+The token layout is shared by all DeepSeek-OCR families (docs/MODEL_NOTES.md §2, §5)::
 
     [BOS] + [image_token_id] * num_image_tokens + ids("\\n" + instruction) + ids(answer) + [EOS]
 
@@ -79,8 +79,12 @@ class ModelFamily(ABC):
         """Load the model with ``from_pretrained`` (hub id or local folder), on CPU, in ``dtype``."""
 
     @abstractmethod
-    def image_processor(self, model: PreTrainedModel, image_mode: str) -> ImageProcessor:
-        """Build the preprocessing for ``image_mode``; sizes and token counts come from ``model.config``."""
+    def image_processor(self, model: PreTrainedModel, image_mode: str, revision: str | None = None) -> ImageProcessor:
+        """Build the preprocessing for ``image_mode``; sizes and token counts come from the checkpoint.
+
+        ``revision`` is the hub revision the model was loaded at, for families that read a preprocessor
+        file of the checkpoint.
+        """
 
     @abstractmethod
     def collate_images(self, images: list[ImageInputs]) -> dict[str, torch.Tensor]:

@@ -8,10 +8,16 @@ from .base import ImageInputs, ImageProcessor, ModelFamily
 
 # name -> "module:attribute"; imported lazily so that a config check loads no model code.
 _FAMILIES = {
-    "deepseek_ocr_v1": "train.models.deepseek_ocr_v1.family:DeepseekOCRv1Family",
-    "deepseek_ocr2": "train.models.ocr2:DeepseekOCR2Family",
+    "deepseek_ocr_v1": "dsocr.models.deepseek_ocr_v1.family:DeepseekOCRv1Family",
+    "deepseek_ocr2": "dsocr.models.ocr2:DeepseekOCR2Family",
 }
 FAMILY_NAMES = tuple(_FAMILIES)
+# Image modes per family, known without importing model code so that a config typo fails at once.
+# Each family class declares the same tuple as ``image_modes`` (a test keeps the two equal).
+FAMILY_IMAGE_MODES = {
+    "deepseek_ocr_v1": ("tiny", "small", "base", "large", "gundam"),
+    "deepseek_ocr2": ("gundam", "base", "small"),
+}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -22,4 +28,4 @@ def get_family(name: str) -> ModelFamily:
     return getattr(import_module(module), attr)()
 
 
-__all__ = ["FAMILY_NAMES", "ImageInputs", "ImageProcessor", "ModelFamily", "get_family"]
+__all__ = ["FAMILY_IMAGE_MODES", "FAMILY_NAMES", "ImageInputs", "ImageProcessor", "ModelFamily", "get_family"]

@@ -1,4 +1,4 @@
-"""DeepSeek-OCR v1 image preprocessing for the five official modes (REFERENCE.md §1.3–§1.4).
+"""DeepSeek-OCR v1 image preprocessing for the five official modes (docs/MODEL_NOTES.md §3).
 
 The official remote code has no processor class: ``DeepseekOCRForCausalLM.infer()`` preprocesses inline.
 This module reproduces what ``infer()`` does, pixel for pixel (checked bit-exact against the goldens in
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from train.models.base import ImageInputs, ImageProcessor
+from dsocr.models.base import ImageInputs, ImageProcessor
 
 # ---------------------------------------------------------------------------------------------------------
 # Official constants (DeepSeek-OCR v1 remote code, ``modeling_deepseekocr.py``: ``BasicImageTransform``,
@@ -89,7 +89,7 @@ def tile_grid_candidates(min_tiles: int = MIN_TILES, max_tiles: int = MAX_TILES)
     the same way: a set filled in the same insertion order. Tuples of small ints hash deterministically
     (no hash randomisation), so the order is stable; for (2, 9) it is (1,2) (2,1) (3,1) (1,3) (2,2) (4,1)
     (1,4) (5,1) (1,5) (1,6) (6,1) (3,2) (2,3) (7,1) (1,7) (4,2) (2,4) (1,8) (8,1) (1,9) (3,3) (9,1)
-    (REFERENCE.md §1.4; asserted in the tests).
+    (docs/MODEL_NOTES.md §3; asserted in the tests).
 
     Args:
         min_tiles: Smallest allowed number of tiles.

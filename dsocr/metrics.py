@@ -5,7 +5,7 @@ written as ``metrics.json``) and one dict per line (written as ``predictions.jso
 the comparison report and the peer engines (Tesseract, RapidOCR) all go through it, so their numbers
 are comparable by construction.
 
-Definitions (REFERENCE.md §6):
+Definitions (docs/MODEL_NOTES.md §7):
 
 * **CER** = total character edits (S + D + I) / total reference characters, summed over the corpus, never
   a mean of line CERs; computed with ``jiwer.process_characters`` (jiwer 4). ``evaluate.load("cer")`` is
@@ -493,7 +493,7 @@ def score_lines(
     corpus["error_kinds"] = {kind: kind_counts[kind] for kind in ERROR_KINDS}
     corpus["error_kind_rates"] = {kind: (kind_counts[kind] / n if n else 0.0) for kind in ERROR_KINDS}
     corpus["n_lines_with_error_kinds"] = sum(bool(pl["error_kinds"]) for pl in per_line)
-    corpus["loop_rate"] = corpus["error_kind_rates"]["repetition_loop"]  # REFERENCE §8 item 3
+    corpus["loop_rate"] = corpus["error_kind_rates"]["repetition_loop"]  # loops are the most reported failure of the base model
 
     pairs = Counter(p for e in edits["norm"] for p in e.sub_pairs)
     # Deterministic order: count desc, then the characters.

@@ -22,7 +22,10 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.images import DEFAULT_LIMITS, DEFAULT_MAX_LABEL_CHARS, ImageLimits
+
 CONFIG_FILE_NAME = "run_config.yaml"
+RESUME_MODES = ("latest", "auto")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,7 +64,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which model to fine-tune and how to load it."""
 
-    family: str = MISSING  # deepseek_ocr_v1 | deepseek_ocr2 (train/models/__init__.py)
+    family: str = MISSING  # deepseek_ocr_v1 | deepseek_ocr2 (dsocr/models/__init__.py)
     name_or_path: str = MISSING  # hub id (deepseek-ai/DeepSeek-OCR) or a local checkpoint folder
     revision: str | None = None  # hub revision (branch, tag or commit) for reproducible runs
     dtype: str = "auto"  # auto = bfloat16 on a bf16-capable GPU, float32 on CPU | float32 | bfloat16
@@ -91,7 +94,11 @@ class DataConfig:
     max_train_samples: int | None = None  # for debugging: first N rows
     max_eval_samples: int | None = None
     on_bad_record: str = "error"  # error: stop at the first bad record | skip: count, log, continue
-    max_label_chars: int = 512  # longer labels are bad records (they would not fit the context)
+    max_label_chars: int = DEFAULT_MAX_LABEL_CHARS  # longer labels are bad records (also data.check's limit)
+    max_image_pixels: int = DEFAULT_LIMITS.max_pixels  # width * height, read from the header before decoding
+    min_image_side: int = DEFAULT_LIMITS.min_side  # a narrower or lower image carries no readable text
+    max_image_aspect: float = DEFAULT_LIMITS.max_aspect  # long side / short side (20000x20 strips are broken)
+    allow_paths_outside_root: bool = False  # manifest paths that leave the image root (../../x) are refused
 
 
 @dataclass
@@ -123,7 +130,10 @@ class RunConfig:
 
     output_dir: str = MISSING  # run folder: checkpoints, logs, resolved config, metrics
     seed: int = 42
-    resume_from_checkpoint: str | None = None  # null | latest | path/to/checkpoint-N
+    # null: a fresh run (an output_dir with checkpoints is refused by nothing: they are left alone) |
+    # latest: the newest complete checkpoint, an error if there is none | auto: latest if there is one,
+    # else a fresh run (for requeued jobs) | path/to/checkpoint-N
+    resume_from_checkpoint: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,7 +242,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
     """Check choices and cross-field rules that types alone cannot express; report all together."""
-    from train.models import FAMILY_NAMES  # light: no model code is imported
+    from dsocr.models import FAMILY_IMAGE_MODES, FAMILY_NAMES  # light: no model code is imported
 
     problems = []
     if cfg.model.family not in FAMILY_NAMES:
@@ -255,9 +265,22 @@ def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
     if cfg.eval.batch_size <= 0:
         problems.append(f"eval.batch_size {cfg.eval.batch_size} must be positive")
     resume = cfg.resume_from_checkpoint
-    if resume not in (None, "latest") and not Path(resume).is_dir():
+    if resume not in (None, *RESUME_MODES) and not Path(resume).is_dir():
         problems.append(
-            f"resume_from_checkpoint {resume!r} is not a folder; use null, latest or a path to checkpoint-N"
+            f"resume_from_checkpoint {resume!r} is not a folder; use null, latest, auto or a path to checkpoint-N"
+        )
+    modes = FAMILY_IMAGE_MODES.get(cfg.model.family)
+    if modes and cfg.collator.image_mode not in ("default", *modes):
+        hint = difflib.get_close_matches(cfg.collator.image_mode, modes, n=1)
+        problems.append(
+            f"collator.image_mode {cfg.collator.image_mode!r} is not one of default, {', '.join(modes)} for "
+            f"{cfg.model.family}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    d = cfg.data
+    if d.max_label_chars <= 0 or d.max_image_pixels <= 0 or d.min_image_side <= 0 or d.max_image_aspect < 1:
+        problems.append(
+            f"data limits must be positive (max_label_chars {d.max_label_chars}, max_image_pixels "
+            f"{d.max_image_pixels}, min_image_side {d.min_image_side}) and max_image_aspect >= 1 ({d.max_image_aspect})"
         )
     best = cfg.training.get("metric_for_best_model")
     evaluating = cfg.training.get("eval_strategy", "no") != "no"
@@ -271,6 +294,12 @@ def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
             problems.append(f"training.{key} is not allowed here; it is set by {owner}")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def image_limits(cfg: RunConfig) -> ImageLimits:
+    """The run's image limits (``data.max_image_pixels`` & co.), as ``data.images.open_image`` takes them."""
+    d = cfg.data
+    return ImageLimits(max_pixels=d.max_image_pixels, min_side=d.min_image_side, max_aspect=d.max_image_aspect)
 
 
 def training_arguments(cfg: RunConfig, **extra: Any):

@@ -1,6 +1,6 @@
 """Write a tiny random-weight model of a family, loadable like a hub checkpoint (tests, CPU demo).
 
-    python -m train.models.make_tiny --family deepseek_ocr_v1 --out runs/tiny_models/deepseek_ocr_v1
+    python -m dsocr.models.make_tiny --family deepseek_ocr_v1 --out runs/tiny_models/deepseek_ocr_v1
 
 The model is built from the real classes with shrunken sizes and saved with ``save_pretrained`` next
 to the real tokenizer (built offline), so the pipeline loads it through the same ``from_pretrained``
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.models import FAMILY_NAMES, get_family
+from dsocr.models import FAMILY_NAMES, get_family
 
 
 def make_tiny(family: str, out: str | Path, seed: int = 0, force: bool = False) -> Path:

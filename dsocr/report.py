@@ -1,9 +1,9 @@
 """Comparison report of several evaluated runs on the same lines: ``report.md`` plus PNG plots.
 
-Input is what :func:`eval.metrics.score_lines` returns for each run (its per-line dicts also carrying the
+Input is what :func:`dsocr.metrics.score_lines` returns for each run (its per-line dicts also carrying the
 line ``id``), e.g. the base model, the LoRA checkpoint and a peer engine::
 
-    from eval.report import write_comparison_report
+    from dsocr.report import write_comparison_report
     path = write_comparison_report(
         [("base", base_corpus, base_lines), ("lora-1500", lora_corpus, lora_lines)], "runs/x/report"
     )
@@ -33,7 +33,7 @@ from matplotlib import font_manager
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from eval.metrics import ERROR_KINDS
+from dsocr.metrics import ERROR_KINDS
 
 # (corpus key, label, format) of the metrics table, in display order. Keys missing from a run show "—".
 METRIC_ROWS = (
@@ -316,7 +316,7 @@ def write_comparison_report(
     """Write ``report.md`` and its PNG plots comparing evaluated runs on the same lines.
 
     Args:
-        runs: ``(display name, corpus, per_line)`` per run, as :func:`eval.metrics.score_lines` returns them;
+        runs: ``(display name, corpus, per_line)`` per run, as :func:`dsocr.metrics.score_lines` returns them;
             every per-line dict also carries ``id``. The first run is the baseline of the better/worse
             section. All runs must cover the same ids (order may differ).
         out_dir: Folder to write into (created if missing); existing report files are overwritten.

@@ -1,4 +1,4 @@
-"""``deepseek_ocr_v1``: the pipeline's adapter for native DeepSeek-OCR v1 (see ``train.models.base``)."""
+"""``deepseek_ocr_v1``: the pipeline's adapter for native DeepSeek-OCR v1 (see ``dsocr.models.base``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from train.models.base import ImageInputs, ModelFamily, scale_tiny_output_head
+from dsocr.models.base import ImageInputs, ModelFamily, scale_tiny_output_head
 
 from .configuration import DeepseekOCRConfig
 from .modeling import DeepseekOCRForCausalLM
@@ -67,8 +67,8 @@ class DeepseekOCRv1Family(ModelFamily):
     vision_module_names = ("sam_model", "vision_model", "projector")
 
     def load_tokenizer(self, name_or_path: str, revision: str | None = None):
-        """Load the checkpoint's tokenizer (``train.models.tokenizer.load_tokenizer``)."""
-        from train.models.tokenizer import load_tokenizer
+        """Load the checkpoint's tokenizer (``dsocr.models.tokenizer.load_tokenizer``)."""
+        from dsocr.models.tokenizer import load_tokenizer
 
         return load_tokenizer(name_or_path, revision=revision)
 
@@ -87,8 +87,11 @@ class DeepseekOCRv1Family(ModelFamily):
             kwargs["attn_implementation"] = attn_implementation
         return DeepseekOCRForCausalLM.from_pretrained(name_or_path, **kwargs)
 
-    def image_processor(self, model, image_mode: str):
-        """``DeepseekOCRImageProcessor`` for ``image_mode`` with patch size and downsampling from the config."""
+    def image_processor(self, model, image_mode: str, revision: str | None = None):
+        """``DeepseekOCRImageProcessor`` for ``image_mode`` with patch size and downsampling from the config.
+
+        ``revision`` is unused: v1 ships no preprocessor file, every size comes from ``model.config``.
+        """
         from .processing import DeepseekOCRImageProcessor
 
         if image_mode not in self.image_modes:
@@ -155,7 +158,7 @@ class DeepseekOCRv1Family(ModelFamily):
 
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """Write a tiny random v1 (``tiny_config``) plus the offline tokenizer to ``out_dir``."""
-        from train.models.tokenizer import build_offline_tokenizer
+        from dsocr.models.tokenizer import build_offline_tokenizer
 
         out_dir = Path(out_dir)
         torch.manual_seed(seed)

@@ -1,11 +1,11 @@
-"""Native DeepSeek-OCR v1 for transformers 5.x (REFERENCE.md §1), state-dict compatible with the hub checkpoint.
+"""Native DeepSeek-OCR v1 for transformers 5.x (docs/MODEL_NOTES.md §1-§4), state-dict compatible with the hub checkpoint.
 
 Module tree = official key names (``model.sam_model.*``, ``model.vision_model.*``, ``model.projector.layers``,
 ``model.image_newline``, ``model.view_seperator`` (sic), ``model.embed_tokens``, ``model.layers.N.*`` with one
 ``nn.Linear`` triple per routed expert, ``model.norm``, untied ``lm_head``), so ``from_pretrained`` loads
 ``deepseek-ai/DeepSeek-OCR`` without ``trust_remote_code`` and ``save_pretrained`` writes the same layout.
 
-What differs from the official remote code, on purpose (REFERENCE.md §1.6):
+What differs from the official remote code, on purpose (docs/MODEL_NOTES.md §4):
 
 * no ``torch.no_grad`` around vision: the towers are frozen through ``requires_grad`` (``config.train_vision``);
 * image features are written out of place (``masked_scatter``, not ``masked_scatter_``), cast to the
@@ -41,6 +41,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 
 from .configuration import DeepseekOCRConfig
+from .grouped_experts import GroupedExperts
 
 # ============================================================================================================
 # SAM-ViT-B (``model.sam_model``)
@@ -368,130 +369,6 @@ class DeepseekOCRRouter(nn.Module):
         return topk_idx, topk_weight, scores
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Grouped experts: one grouped GEMM per projection for all experts of a layer, LoRA included
-# ------------------------------------------------------------------------------------------------------------
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_LOGGED_FALLBACKS: set[str] = set()
-
-
-def _log_fallback_once(reason: str) -> None:
-    if reason not in _LOGGED_FALLBACKS:
-        _LOGGED_FALLBACKS.add(reason)
-        import logging
-
-        logging.getLogger(__name__).warning("MoE: grouped experts unavailable (%s); looping over experts", reason)
-
-
-def _lora_pieces(proj: nn.Module):
-    """Split an expert projection into ``(base nn.Linear, [(lora_A weight, lora_B weight, scaling), ...])``.
-
-    Plain ``nn.Linear`` → no LoRA term. A PEFT LoRA ``Linear`` is accepted when every active adapter is vanilla
-    LoRA (no DoRA or other variant, no LoRA bias, dropout off: ``p == 0`` or eval mode) and it is not merged
-    or disabled in a way that makes PEFT rewrite weights. Anything else → ``None`` (the caller loops instead).
-    """
-    if type(proj) is nn.Linear:
-        return proj, []
-    base = getattr(proj, "base_layer", None)
-    if type(base) is not nn.Linear or not hasattr(proj, "lora_A"):
-        return None
-    if getattr(proj, "disable_adapters", False):
-        return None if getattr(proj, "merged", False) else (base, [])
-    if getattr(proj, "merged", False):
-        return base, []  # PEFT then runs the (merged) base layer alone
-    pieces = []
-    for name in proj.active_adapters:
-        if name not in proj.lora_A:
-            continue
-        if name in getattr(proj, "lora_variant", {}) or getattr(proj, "use_dora", {}).get(name, False):
-            return None
-        lora_a, lora_b, drop = proj.lora_A[name], proj.lora_B[name], proj.lora_dropout[name]
-        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
-            return None
-        if not isinstance(drop, nn.Identity) and not (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training)):
-            return None
-        pieces.append((lora_a.weight, lora_b.weight, float(proj.scaling[name])))
-    return base, pieces
-
-
-def _gmm(x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor, counts_host) -> torch.Tensor:
-    """Rows of ``x`` (sorted by expert, ``offs`` = int32 cumulative ends) times ``weight_t[e]`` ([E, in, out])."""
-    if counts_host is None:
-        return _GROUPED_MM(x, weight_t, offs=offs)
-    # Reference path (no grouped GEMM kernel for these shapes/dtypes): one matmul per non-empty expert.
-    outs, start = [], 0
-    for e, n in enumerate(counts_host):
-        if n:
-            outs.append(x[start : start + n] @ weight_t[e])
-            start += n
-    if not outs:
-        return x.new_zeros(0, weight_t.shape[-1])
-    return torch.cat(outs, dim=0)
-
-
-def _grouped_kernel_fits(x: torch.Tensor, widths: list[int]) -> bool:
-    """Whether the grouped GEMM kernel takes these operands (else the per-expert reference path runs)."""
-    if _GROUPED_MM is None:
-        return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and all(w % 8 == 0 for w in widths)
-    # The CPU kernel wants 16-byte aligned rows.
-    return x.device.type == "cpu" and all((w * x.element_size()) % 16 == 0 for w in widths)
-
-
-class _GroupedExperts:
-    """Stacks the experts' weights of one MoE layer ([E, out, in] per projection) and runs them grouped.
-
-    The frozen base weights are stacked once and cached, keyed by each weight's storage pointer and version
-    counter (so ``.to()``, loading or in-place merges rebuild it); weights that require grad are stacked
-    under autograd every call instead. LoRA A/B of each expert are stacked per call (tiny), so every expert
-    keeps its own ``lora_A``/``lora_B`` Parameters and gets its own gradient.
-    """
-
-    def __init__(self):
-        self._key = None
-        self._stack = None
-
-    def base_stacks(self, gates, ups, downs, dtype):
-        weights = [m.weight for m in (*gates, *ups, *downs)]
-        trainable = any(w.requires_grad for w in weights)
-        key = (dtype, tuple((w.data_ptr(), w._version) for w in weights))
-        if not trainable and key == self._key:
-            return self._stack
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            gate_up = torch.cat([torch.stack([m.weight for m in gates]), torch.stack([m.weight for m in ups])], dim=1)
-            down = torch.stack([m.weight for m in downs])
-            stack = (gate_up.to(dtype), down.to(dtype))
-        if trainable:
-            self._key, self._stack = None, None
-        else:
-            self._key, self._stack = key, stack
-        return stack
-
-
-def _stack_lora(pieces_per_expert, dtype):
-    """Per adapter index: (A [E, r, in], B*scaling [E, out, r]) in ``dtype``; ``None`` if ranks differ."""
-    n_adapters = {len(p) for p in pieces_per_expert}
-    if len(n_adapters) != 1:
-        return None
-    out = []
-    for j in range(n_adapters.pop()):
-        a_list = [p[j][0] for p in pieces_per_expert]
-        b_list = [p[j][1] for p in pieces_per_expert]
-        scal = [p[j][2] for p in pieces_per_expert]
-        if len({a.shape for a in a_list}) != 1 or len({b.shape for b in b_list}) != 1:
-            return None
-        a = torch.stack(a_list).to(dtype)
-        b = torch.stack(b_list).to(dtype)
-        if len(set(scal)) == 1:
-            b = b * scal[0]
-        else:
-            b = b * torch.tensor(scal, dtype=b.dtype, device=b.device)[:, None, None]
-        out.append((a, b))
-    return out
-
-
 class DeepseekOCRMoE(nn.Module):
     """Routed experts (one SiLU MLP = one Linear triple each) weighted by the router, plus shared experts.
 
@@ -530,7 +407,7 @@ class DeepseekOCRMoE(nn.Module):
             )
         #: Balancing loss of the last forward (set only in training with ``config.add_aux_loss``).
         self.aux_loss: torch.Tensor | None = None
-        self._grouped = _GroupedExperts()  # plain attribute: never in the state dict
+        self._grouped = GroupedExperts()  # plain attribute: never in the state dict
 
     def _balancing_loss(self, topk_idx: torch.Tensor, scores: torch.Tensor, batch: int) -> torch.Tensor:
         # DeepSeek-V2's load-balancing loss (over all positions, padding included, as the official code).
@@ -545,63 +422,6 @@ class DeepseekOCRMoE(nn.Module):
         load = F.one_hot(topk_idx.view(-1), n_exp).float().mean(0) * n_exp
         return (scores.mean(0) * load).sum() * self.config.aux_loss_alpha
 
-    def _grouped_experts(self, routed_in: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor | None:
-        """All experts on the expert-sorted rows ``routed_in`` ``[N, H]``; ``None`` = use the loop instead."""
-        gates, ups, downs, lora = [], [], [], {"gate": [], "up": [], "down": []}
-        for expert in self.experts:
-            if type(expert) is not DeepseekOcr2TextMLP:
-                _log_fallback_once(f"expert module {type(expert).__name__} is not the plain gated MLP")
-                return None
-            for name, bases in (("gate", gates), ("up", ups), ("down", downs)):
-                pieces = _lora_pieces(getattr(expert, f"{name}_proj"))
-                if pieces is None:
-                    _log_fallback_once(
-                        "an expert projection is not an nn.Linear or a vanilla PEFT LoRA Linear without dropout "
-                        "(DoRA, LoRA variants, lora_dropout > 0 in training, LoRA bias or merged+disabled adapters)"
-                    )
-                    return None
-                if pieces[0].bias is not None:
-                    _log_fallback_once("expert projections with bias")
-                    return None
-                bases.append(pieces[0])
-                lora[name].append(pieces[1])
-        dtype = routed_in.dtype
-        stacked = {name: _stack_lora(pieces, dtype) for name, pieces in lora.items()}
-        if any(v is None for v in stacked.values()):
-            _log_fallback_once("experts carry different LoRA adapters or ranks")
-            return None
-        n_exp = len(self.experts)
-        inter = gates[0].weight.shape[0]
-        w_gate_up, w_down = self._grouped.base_stacks(gates, ups, downs, dtype)  # [E, 2I, H], [E, H, I]
-        # Cumulative end offset of each expert's rows: computed on the device (no host sync).
-        offs = torch.searchsorted(
-            sorted_experts, torch.arange(n_exp, device=sorted_experts.device, dtype=sorted_experts.dtype), right=True
-        ).to(torch.int32)
-        widths = [routed_in.shape[-1], inter] + [a.shape[1] for pieces in stacked.values() for a, _ in pieces]
-        counts_host = None
-        if not _grouped_kernel_fits(routed_in, widths):
-            counts_host = torch.bincount(sorted_experts, minlength=n_exp).tolist()
-
-        def lora_terms(x: torch.Tensor, pieces) -> torch.Tensor | None:
-            total = None
-            for a, b in pieces:
-                term = _gmm(_gmm(x, a.transpose(1, 2), offs, counts_host), b.transpose(1, 2), offs, counts_host)
-                total = term if total is None else total + term
-            return total
-
-        gate_up = _gmm(routed_in, w_gate_up.transpose(1, 2), offs, counts_host)
-        gate, up = gate_up[:, :inter], gate_up[:, inter:]
-        extra = lora_terms(routed_in, stacked["gate"])
-        if extra is not None:
-            gate = gate + extra
-        extra = lora_terms(routed_in, stacked["up"])
-        if extra is not None:
-            up = up + extra
-        hidden = self.experts[0].act_fn(gate) * up
-        out = _gmm(hidden, w_down.transpose(1, 2), offs, counts_host)
-        extra = lora_terms(hidden, stacked["down"])
-        return out if extra is None else out + extra
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Apply the MoE block to ``[B, L, H]`` hidden states."""
         shape = hidden_states.shape
@@ -614,7 +434,7 @@ class DeepseekOCRMoE(nn.Module):
         routed_in = x[token_of]
         expert_out = None
         if getattr(self.config, "moe_implementation", "grouped") == "grouped":
-            expert_out = self._grouped_experts(routed_in, flat_idx[order])
+            expert_out = self._grouped.forward(self.experts, routed_in, flat_idx[order])
         if expert_out is None:
             counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
             outs = []
@@ -790,7 +610,7 @@ class DeepseekOCRModel(DeepseekOCRPreTrainedModel):
         pixel_values_local: torch.Tensor | None,
         images_spatial_crop: torch.Tensor,
     ) -> list[torch.Tensor]:
-        """Visual feature rows per image, in the official order (REFERENCE.md §1.3).
+        """Visual feature rows per image, in the official order (docs/MODEL_NOTES.md §3).
 
         Per image: the tiles as one ``(h_t·h) x (w_t·w)`` grid, row-major, with ``image_newline`` after each
         grid row; then the global ``n x n`` view with a newline after each row; then one ``view_seperator``.

@@ -1,0 +1,206 @@
+"""Grouped experts: each projection of all routed experts of a MoE layer as one grouped GEMM, LoRA included.
+
+The model keeps one ``nn.Linear`` per expert projection (the official checkpoint layout, and what PEFT wraps
+one by one); this module stacks their weights ``[E, out, in]`` and runs them with
+``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) over the tokens sorted by expert.
+To add each expert's own LoRA term it reads PEFT's LoRA layer attributes (``base_layer``, ``lora_A``,
+``lora_B``, ``lora_dropout``, ``scaling``, ``active_adapters``, ``merged``, ``use_dora``): the part of the
+model a PEFT upgrade can break, kept here in one place (``dsocr/versions.py`` pins PEFT). Anything it
+cannot express returns ``None`` and the caller loops over the expert modules instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextMLP
+
+# ------------------------------------------------------------------------------------------------------------
+# Grouped experts: one grouped GEMM per projection for all experts of a layer, LoRA included
+# ------------------------------------------------------------------------------------------------------------
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_LOGGED_FALLBACKS: set[str] = set()
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(reason)
+        logging.getLogger(__name__).warning("MoE: grouped experts unavailable (%s); looping over experts", reason)
+
+
+def _lora_pieces(proj: nn.Module):
+    """Split an expert projection into ``(base nn.Linear, [(lora_A weight, lora_B weight, scaling), ...])``.
+
+    Plain ``nn.Linear`` → no LoRA term. A PEFT LoRA ``Linear`` is accepted when every active adapter is vanilla
+    LoRA (no DoRA or other variant, no LoRA bias, dropout off: ``p == 0`` or eval mode) and it is not merged
+    or disabled in a way that makes PEFT rewrite weights. Anything else → ``None`` (the caller loops instead).
+    """
+    if type(proj) is nn.Linear:
+        return proj, []
+    base = getattr(proj, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(proj, "lora_A"):
+        return None
+    if getattr(proj, "disable_adapters", False):
+        return None if getattr(proj, "merged", False) else (base, [])
+    if getattr(proj, "merged", False):
+        return base, []  # PEFT then runs the (merged) base layer alone
+    pieces = []
+    for name in proj.active_adapters:
+        if name not in proj.lora_A:
+            continue
+        if name in getattr(proj, "lora_variant", {}) or getattr(proj, "use_dora", {}).get(name, False):
+            return None
+        lora_a, lora_b, drop = proj.lora_A[name], proj.lora_B[name], proj.lora_dropout[name]
+        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
+            return None
+        if not isinstance(drop, nn.Identity) and not (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training)):
+            return None
+        pieces.append((lora_a.weight, lora_b.weight, float(proj.scaling[name])))
+    return base, pieces
+
+
+def _gmm(x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor, counts_host) -> torch.Tensor:
+    """Rows of ``x`` (sorted by expert, ``offs`` = int32 cumulative ends) times ``weight_t[e]`` ([E, in, out])."""
+    if counts_host is None:
+        return _GROUPED_MM(x, weight_t, offs=offs)
+    # Reference path (no grouped GEMM kernel for these shapes/dtypes): one matmul per non-empty expert.
+    outs, start = [], 0
+    for e, n in enumerate(counts_host):
+        if n:
+            outs.append(x[start : start + n] @ weight_t[e])
+            start += n
+    if not outs:
+        return x.new_zeros(0, weight_t.shape[-1])
+    return torch.cat(outs, dim=0)
+
+
+def _grouped_kernel_fits(x: torch.Tensor, widths: list[int]) -> bool:
+    """Whether the grouped GEMM kernel takes these operands (else the per-expert reference path runs)."""
+    if _GROUPED_MM is None:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and all(w % 8 == 0 for w in widths)
+    # The CPU kernel wants 16-byte aligned rows.
+    return x.device.type == "cpu" and all((w * x.element_size()) % 16 == 0 for w in widths)
+
+
+class GroupedExperts:
+    """Stacks the experts' weights of one MoE layer ([E, out, in] per projection) and runs them grouped.
+
+    The frozen base weights are stacked once and cached, keyed by each weight's storage pointer and version
+    counter (so ``.to()``, loading or in-place merges rebuild it); weights that require grad are stacked
+    under autograd every call instead. LoRA A/B of each expert are stacked per call (tiny), so every expert
+    keeps its own ``lora_A``/``lora_B`` Parameters and gets its own gradient.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._stack = None
+
+    def base_stacks(self, gates, ups, downs, dtype):
+        """The stacked base weights ``([E, 2I, H] gate+up, [E, H, I] down)`` in ``dtype``, cached while frozen."""
+        weights = [m.weight for m in (*gates, *ups, *downs)]
+        trainable = any(w.requires_grad for w in weights)
+        key = (dtype, tuple((w.data_ptr(), w._version) for w in weights))
+        if not trainable and key == self._key:
+            return self._stack
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            gate_up = torch.cat([torch.stack([m.weight for m in gates]), torch.stack([m.weight for m in ups])], dim=1)
+            down = torch.stack([m.weight for m in downs])
+            stack = (gate_up.to(dtype), down.to(dtype))
+        if trainable:
+            self._key, self._stack = None, None
+        else:
+            self._key, self._stack = key, stack
+        return stack
+
+    def forward(self, experts, routed_in: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor | None:
+        """All ``experts`` on the expert-sorted rows ``routed_in`` ``[N, H]``; ``None`` = use the loop instead.
+
+        Args:
+            experts: The layer's ``nn.ModuleList`` of gated MLPs (possibly PEFT-wrapped projections).
+            routed_in: The routed token copies, sorted by expert.
+            sorted_experts: The expert index of each row of ``routed_in`` (non-decreasing).
+        """
+        gates, ups, downs, lora = [], [], [], {"gate": [], "up": [], "down": []}
+        for expert in experts:
+            if type(expert) is not DeepseekOcr2TextMLP:
+                _log_fallback_once(f"expert module {type(expert).__name__} is not the plain gated MLP")
+                return None
+            for name, bases in (("gate", gates), ("up", ups), ("down", downs)):
+                pieces = _lora_pieces(getattr(expert, f"{name}_proj"))
+                if pieces is None:
+                    _log_fallback_once(
+                        "an expert projection is not an nn.Linear or a vanilla PEFT LoRA Linear without dropout "
+                        "(DoRA, LoRA variants, lora_dropout > 0 in training, LoRA bias or merged+disabled adapters)"
+                    )
+                    return None
+                if pieces[0].bias is not None:
+                    _log_fallback_once("expert projections with bias")
+                    return None
+                bases.append(pieces[0])
+                lora[name].append(pieces[1])
+        dtype = routed_in.dtype
+        stacked = {name: _stack_lora(pieces, dtype) for name, pieces in lora.items()}
+        if any(v is None for v in stacked.values()):
+            _log_fallback_once("experts carry different LoRA adapters or ranks")
+            return None
+        n_exp = len(experts)
+        inter = gates[0].weight.shape[0]
+        w_gate_up, w_down = self.base_stacks(gates, ups, downs, dtype)  # [E, 2I, H], [E, H, I]
+        # Cumulative end offset of each expert's rows: computed on the device (no host sync).
+        offs = torch.searchsorted(
+            sorted_experts, torch.arange(n_exp, device=sorted_experts.device, dtype=sorted_experts.dtype), right=True
+        ).to(torch.int32)
+        widths = [routed_in.shape[-1], inter] + [a.shape[1] for pieces in stacked.values() for a, _ in pieces]
+        counts_host = None
+        if not _grouped_kernel_fits(routed_in, widths):
+            counts_host = torch.bincount(sorted_experts, minlength=n_exp).tolist()
+
+        def lora_terms(x: torch.Tensor, pieces) -> torch.Tensor | None:
+            total = None
+            for a, b in pieces:
+                term = _gmm(_gmm(x, a.transpose(1, 2), offs, counts_host), b.transpose(1, 2), offs, counts_host)
+                total = term if total is None else total + term
+            return total
+
+        gate_up = _gmm(routed_in, w_gate_up.transpose(1, 2), offs, counts_host)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        extra = lora_terms(routed_in, stacked["gate"])
+        if extra is not None:
+            gate = gate + extra
+        extra = lora_terms(routed_in, stacked["up"])
+        if extra is not None:
+            up = up + extra
+        hidden = experts[0].act_fn(gate) * up
+        out = _gmm(hidden, w_down.transpose(1, 2), offs, counts_host)
+        extra = lora_terms(hidden, stacked["down"])
+        return out if extra is None else out + extra
+
+
+def _stack_lora(pieces_per_expert, dtype):
+    """Per adapter index: (A [E, r, in], B*scaling [E, out, r]) in ``dtype``; ``None`` if ranks differ."""
+    n_adapters = {len(p) for p in pieces_per_expert}
+    if len(n_adapters) != 1:
+        return None
+    out = []
+    for j in range(n_adapters.pop()):
+        a_list = [p[j][0] for p in pieces_per_expert]
+        b_list = [p[j][1] for p in pieces_per_expert]
+        scal = [p[j][2] for p in pieces_per_expert]
+        if len({a.shape for a in a_list}) != 1 or len({b.shape for b in b_list}) != 1:
+            return None
+        a = torch.stack(a_list).to(dtype)
+        b = torch.stack(b_list).to(dtype)
+        if len(set(scal)) == 1:
+            b = b * scal[0]
+        else:
+            b = b * torch.tensor(scal, dtype=b.dtype, device=b.device)[:, None, None]
+        out.append((a, b))
+    return out
+
+
