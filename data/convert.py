@@ -10,12 +10,22 @@ A conversation (the seed notebook's format)::
 Images are decoded only here, one record at a time, through ``data.images.open_image``; labels go through
 ``data.images.validate_text`` (stripped). So a bad record fails with the same reason code and message as
 ``python -m data.check`` reports for it.
+
+Skipped-record log (``ConversationDataset(on_bad_record="skip", skipped_log=...)``): JSONL, appended, one
+line per skipped record **per process**::
+
+    {"id": "train-17", "reason": "corrupt_image", "message": "record 'train-17': corrupt_image: ...", "split": "train"}
+
+``split`` is the dataset's ``split`` argument (``null`` when not given). The same record appears once per
+DataLoader worker and once per evaluation that re-reads the eval split, so count records with
+:func:`count_skipped` (distinct ``(split, id)`` pairs per split), never by counting lines.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from typing import Any
 
 from data.images import DEFAULT_MAX_LABEL_CHARS, BadRecordError, ImageLimits, open_image, validate_text
@@ -23,6 +33,8 @@ from data.images import DEFAULT_MAX_LABEL_CHARS, BadRecordError, ImageLimits, op
 DEFAULT_INSTRUCTION = "<image>\nFree OCR."
 USER_ROLE = "<|User|>"
 ASSISTANT_ROLE = "<|Assistant|>"
+# count_skipped's key for log lines written without a split (ConversationDataset(split=None)).
+NO_SPLIT = "(no split)"
 
 
 def to_conversation(
@@ -80,10 +92,11 @@ class ConversationDataset:
       record. Run ``python -m data.check`` first to list every bad record at once.
     * ``"skip"``: the record is **not dropped silently**. ``__getitem__`` returns ``None`` for it; the
       record is counted in ``skipped_count`` (and ``skipped_reasons``) and written once per process as a JSON
-      line ``{"id", "reason", "message"}`` to ``skipped_log`` (appended; one ``write`` per line so several
-      DataLoader workers can share the file). The collator must drop the ``None`` items and report how
-      many it dropped. Note: with DataLoader workers the counters live in each worker process; the log file
-      and the collator's count are the authoritative totals.
+      line ``{"id", "reason", "message", "split"}`` to ``skipped_log`` (appended; one ``write`` per line so
+      several DataLoader workers can share the file). The collator must drop the ``None`` items and report
+      how many it dropped. Note: with DataLoader workers the counters live in each worker process and
+      each worker logs the record again; :func:`count_skipped` on the log gives the distinct records per
+      split, the authoritative totals.
 
     Args:
         hf_dataset: A dataset with ``id``, ``image``, ``text`` columns (``data.loader.load_split``).
@@ -93,6 +106,8 @@ class ConversationDataset:
             logged to a file).
         max_label_chars: Maximum label length.
         limits: Image limits.
+        split: The split's name (``train``, ``val``...), written into each log line so
+            :func:`count_skipped` can tell the same id in two splits apart; ``None`` writes ``null``.
     """
 
     def __init__(
@@ -103,6 +118,7 @@ class ConversationDataset:
         skipped_log: str | os.PathLike | None = None,
         max_label_chars: int = DEFAULT_MAX_LABEL_CHARS,
         limits: ImageLimits | None = None,
+        split: str | None = None,
     ):
         """Validate the settings; nothing is decoded here."""
         if on_bad_record not in ("error", "skip"):
@@ -124,6 +140,7 @@ class ConversationDataset:
         self.skipped_log = os.fspath(skipped_log) if skipped_log is not None else None
         self.max_label_chars = max_label_chars
         self.limits = limits
+        self.split = split
         self.skipped_count = 0
         self.skipped_reasons: dict[str, int] = {}
         self._logged: set[str] = set()
@@ -157,4 +174,44 @@ class ConversationDataset:
             if folder:
                 os.makedirs(folder, exist_ok=True)
             with open(self.skipped_log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(err.to_dict(), ensure_ascii=False) + "\n")
+                f.write(json.dumps({**err.to_dict(), "split": self.split}, ensure_ascii=False) + "\n")
+
+
+def count_skipped(log_path: str | os.PathLike) -> dict[str, int]:
+    """Count the distinct skipped records per split in a ``ConversationDataset`` skip log.
+
+    Lines are not records: every DataLoader worker logs a record it skips, and every evaluation re-reads
+    the eval split, so the same ``(split, id)`` appears several times; it is counted once.
+
+    Args:
+        log_path: The ``skipped_log`` JSONL file.
+
+    Returns:
+        ``{split: number of distinct ids}``, sorted by split; lines written without a split count under
+        :data:`NO_SPLIT`. A log that does not exist (nothing was skipped) gives ``{}``.
+
+    Raises:
+        ValueError: A line is not a JSON object with an ``id`` (e.g. cut off by a killed process); the
+            message names the file and line.
+    """
+    path = os.fspath(log_path)
+    if not os.path.exists(path):
+        return {}
+    seen: set[tuple[str, str]] = set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise ValueError(
+                    f"{path}:{n}: not a skip-log line (expected a JSON object with 'id' and 'split', got "
+                    f"{line.strip()[:80]!r}); the file is written by ConversationDataset(skipped_log=...): "
+                    "remove or repair that line, then count again."
+                )
+            split = rec.get("split")
+            seen.add((NO_SPLIT if split is None else str(split), str(rec["id"])))
+    return dict(sorted(Counter(split for split, _ in seen).items()))

@@ -27,6 +27,13 @@ What "decoded correctly" means here:
   ``python -m data.check --max-aspect``) if such images are genuine, or skip them
   (``ConversationDataset(on_bad_record="skip")``), which logs each one.
 
+One set of limits: :class:`ImageLimits`' defaults and :data:`DEFAULT_MAX_LABEL_CHARS` are the defaults of
+the run config's ``data.max_image_pixels``, ``data.min_image_side``, ``data.max_image_aspect`` and
+``data.max_label_chars`` and of ``python -m data.check``'s ``--max-pixels``, ``--min-side``,
+``--max-aspect`` and ``--max-label-chars``; ``python -m data.check --config RUN.yaml`` reads the run's
+values, so the scan and training apply the same limits. Error messages name both the config key and the
+flag.
+
 Reason codes: ``missing_image``, ``invalid_image_value``, ``missing_image_file``, ``empty_image_file``,
 ``corrupt_image``, ``unsupported_mode``, ``decompression_bomb``, ``too_small``, ``extreme_aspect``,
 ``empty_label``, ``label_not_string``, ``label_too_long``, ``missing_column`` (the last one is raised by the
@@ -46,7 +53,7 @@ from PIL import Image, ImageFile, ImageOps
 
 # A text line longer than this is almost certainly a broken record (the reference data has 1-15
 # characters per line); raise it for paragraph-level data.
-DEFAULT_MAX_LABEL_CHARS = 256
+DEFAULT_MAX_LABEL_CHARS = 512
 
 
 class BadRecordError(ValueError):
@@ -155,14 +162,16 @@ def _check_size(im: Image.Image, record_id: str, where: str, limits: ImageLimits
             record_id,
             "decompression_bomb",
             f"image {where} is {w}x{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,} "
-            "(possible decompression bomb); downscale it or raise ImageLimits.max_pixels (--max-pixels).",
+            "(possible decompression bomb); downscale it or raise the limit (data.max_image_pixels in the run "
+            "config, --max-pixels for data.check).",
         )
     if min(w, h) < limits.min_side:
         raise BadRecordError(
             record_id,
             "too_small",
             f"image {where} is {w}x{h}, a side is below the minimum of {limits.min_side} px; "
-            "it cannot hold a text line: fix or drop the record.",
+            "it cannot hold a text line: fix or drop the record, or lower the limit (data.min_image_side in "
+            "the run config, --min-side for data.check) if such images are genuine.",
         )
     aspect = max(w, h) / min(w, h)
     if aspect > limits.max_aspect:
@@ -170,8 +179,8 @@ def _check_size(im: Image.Image, record_id: str, where: str, limits: ImageLimits
             record_id,
             "extreme_aspect",
             f"image {where} is {w}x{h}, aspect ratio {aspect:.1f}:1 exceeds the limit {limits.max_aspect:g}:1; "
-            "split the line, raise ImageLimits.max_aspect (--max-aspect) if it is genuine, or skip the record "
-            "(on_bad_record='skip').",
+            "split the line, raise the limit (data.max_image_aspect in the run config, --max-aspect for "
+            "data.check) if it is genuine, or skip the record (data.on_bad_record: skip).",
         )
 
 
@@ -257,7 +266,8 @@ def open_image(obj: Any, *, record_id: str, limits: ImageLimits | None = None) -
                     record_id,
                     "decompression_bomb",
                     f"image {where} refused by PIL as a decompression bomb ({e}); our own limit is "
-                    f"{limits.max_pixels:,} pixels (ImageLimits.max_pixels, --max-pixels): downscale the image.",
+                    f"{limits.max_pixels:,} pixels (data.max_image_pixels in the run config, --max-pixels for "
+                    "data.check): downscale the image.",
                 ) from e
             except Image.UnidentifiedImageError as e:
                 raise BadRecordError(
@@ -318,6 +328,7 @@ def validate_text(text: Any, *, record_id: str, max_chars: int = DEFAULT_MAX_LAB
             record_id,
             "label_too_long",
             f"the label has {len(stripped)} characters, over the limit of {max_chars} "
-            f"(starts {stripped[:20]!r}); split the line or raise max_label_chars (--max-label-chars).",
+            f"(starts {stripped[:20]!r}); split the line or raise the limit (data.max_label_chars in the run "
+            "config, --max-label-chars for data.check).",
         )
     return stripped

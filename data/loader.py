@@ -21,12 +21,23 @@ Rules:
   else against the manifest file's folder. Imagefolder ``file_name`` resolves against the metadata file's
   folder (or ``image_root``). A missing file is a per-record error (``missing_image_file``) raised when the
   image is opened, so ``python -m data.check`` lists every one.
+* The image root: ``image_root`` if given, else the manifest's / metadata file's folder. An image path whose
+  resolved location (``os.path.realpath``: ``..`` and symlinks count, absolute paths too) is not inside the
+  root is a structural problem, reason ``path_outside_root``: a manifest line such as ``../../etc/passwd``
+  must not make training read arbitrary files. Parquet/hub path columns are held to ``image_root`` when it
+  is set (without it they have no root and are kept as written). ``allow_paths_outside_root=True``
+  (``--allow-paths-outside-root``, ``data.allow_paths_outside_root``) switches the check off.
 * ``column_map`` maps **our** names to **yours**: ``{"image": "img", "text": "label"}`` (CLI:
   ``--column-map image=img,text=label``); keys allowed: ``image``, ``text``, ``id``.
 * ``max_samples`` keeps the first N rows (debugging).
-* Structural problems (unknown split, missing source, missing column, a manifest line that is not a JSON
-  object or lacks a key, a non-string label in a manifest) raise :class:`DataSourceError` listing all of
-  them at once. Value problems (empty label, corrupt image) are per record (``data.images.BadRecordError``).
+* Whole-source problems (unknown split, missing source, a parquet/hub split lacking a column) always raise
+  :class:`DataSourceError`. Per-line structural problems (a manifest/metadata line that is not a JSON
+  object (``bad_json``) or lacks a key (``missing_column``), a non-string label (``label_not_string``), an
+  image path outside the root (``path_outside_root``)) raise one :class:`DataSourceError` listing all of
+  them at once, so training stops; with ``problems=[]`` they are appended to that list instead as
+  ``{"id", "reason", "message"}`` dicts and the good lines still load (``python -m data.check`` uses this
+  to report them together with the image/label problems in one pass). Value problems (empty label,
+  corrupt image) are per record (``data.images.BadRecordError``), raised when the record is decoded.
 
 The hub id needs network access; offline it raises :class:`DataSourceError` (reason ``hub_unreachable``)
 explaining how to point ``source`` at a local copy.
@@ -52,9 +63,9 @@ class DataSourceError(ValueError):
 
     Attributes:
         reason: Short code: ``source_not_found``, ``hub_unreachable``, ``unknown_split``, ``missing_column``,
-            ``bad_json``, ``label_not_string``, ``bad_column_map``.
+            ``bad_json``, ``label_not_string``, ``path_outside_root``, ``bad_column_map``, ``bad_max_samples``.
         problems: Per-record details ``{"id", "reason", "message"}`` when the problem is in specific lines
-            (manifests); empty otherwise.
+            (manifest/metadata lines, rows of a path column); empty otherwise.
     """
 
     def __init__(self, reason: str, message: str, problems: list[dict[str, str]] | None = None):
@@ -112,11 +123,57 @@ def _read_records(path: str) -> list[tuple[str, Any]]:
     return out
 
 
+def _outside_root(path: str, real_root: str) -> str | None:
+    """Return ``path``'s resolved location if it is not inside ``real_root`` (already resolved), else None."""
+    real = os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([real, real_root]) == real_root
+    except ValueError:  # different drives (Windows): certainly not inside
+        inside = False
+    return None if inside else real
+
+
+def _outside_problem(rid: str, where: str, given: str, real: str, real_root: str) -> dict[str, str]:
+    """The ``path_outside_root`` problem for one record."""
+    return {
+        "id": rid,
+        "reason": "path_outside_root",
+        "message": f"{where}: image path {given!r} resolves to {real!r}, outside the image root "
+        f"{real_root!r}; set image_root to a folder that contains it, or allow_paths_outside_root "
+        "(--allow-paths-outside-root, data.allow_paths_outside_root) if such paths are intended.",
+    }
+
+
+def _report(problems: list[dict[str, str]], what: str, problems_out: list[dict[str, Any]] | None) -> None:
+    """Append per-line problems to ``problems_out``, or raise them all at once when it is None."""
+    if not problems:
+        return
+    if problems_out is not None:
+        problems_out.extend(problems)
+        return
+    listing = "\n".join(f"  {p['id']}: {p['reason']}: {p['message']}" for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise DataSourceError(
+        problems[0]["reason"],
+        f"{len(problems)} malformed record(s) in {what}:\n{listing}{more}\n"
+        "List every problem of the split (these and the image/label ones) with `python -m data.check`.",
+        problems,
+    )
+
+
 def _from_records(
-    path: str, split: str, cmap: dict[str, str], image_key: str, base: str, max_samples: int | None
+    path: str,
+    split: str,
+    cmap: dict[str, str],
+    image_key: str,
+    base: str,
+    max_samples: int | None,
+    allow_outside: bool,
+    problems_out: list[dict[str, Any]] | None,
 ) -> datasets.Dataset:
     """Turn manifest/metadata records into the output dataset, reporting structural problems together."""
     ids, images, texts, problems = [], [], [], []
+    real_root = os.path.realpath(base)
     records = _read_records(path)
     if max_samples is not None:
         records = records[:max_samples]
@@ -158,22 +215,21 @@ def _from_records(
                 }
             )
             continue
-        img = rec[image_key]
+        given = img = rec[image_key]
         if isinstance(img, str) and img and not os.path.isabs(img):
             img = os.path.join(base, img)
         elif not isinstance(img, str):
             img = None if img is None else str(img)
+        # Whatever became a path is held to the root (a number 5 would be opened as "./5").
+        if img and not allow_outside:
+            real = _outside_root(img, real_root)
+            if real is not None:
+                problems.append(_outside_problem(rid, where, given, real, real_root))
+                continue
         ids.append(rid)
         images.append(img or None)
         texts.append(text)
-    if problems:
-        listing = "\n".join(f"  {p['id']}: {p['reason']}: {p['message']}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataSourceError(
-            problems[0]["reason"],
-            f"{len(problems)} malformed record(s) in {path}:\n{listing}{more}",
-            problems,
-        )
+    _report(problems, path, problems_out)
     return _finish({"id": ids, "image": images, "text": texts}, None)
 
 
@@ -193,7 +249,13 @@ def _unknown_split(split: str, available: list[str], source: str) -> DataSourceE
 
 
 def _load_manifest(
-    source: str, split: str, cmap: dict[str, str], image_root: str | None, max_samples: int | None
+    source: str,
+    split: str,
+    cmap: dict[str, str],
+    image_root: str | None,
+    max_samples: int | None,
+    allow_outside: bool,
+    problems_out: list[dict[str, Any]] | None,
 ):
     """JSONL manifest: a ``{split}`` path template or a folder of ``{split}.jsonl`` files."""
     if "{split}" in source:
@@ -217,7 +279,7 @@ def _load_manifest(
             raise _unknown_split(split, list(files), source)
         path = files[split]
     base = image_root or os.path.dirname(os.path.abspath(path))
-    return _from_records(path, split, cmap, cmap["image"], base, max_samples)
+    return _from_records(path, split, cmap, cmap["image"], base, max_samples, allow_outside, problems_out)
 
 
 def _imagefolder_files(source: str) -> dict[str, str]:
@@ -242,6 +304,8 @@ def _load_hf(
     image_root: str | None,
     max_samples: int | None,
     is_local: bool,
+    allow_outside: bool,
+    problems_out: list[dict[str, Any]] | None,
 ) -> datasets.Dataset:
     """Hub id or local folder in the hub's parquet layout: the same ``load_dataset(source)`` call."""
     try:
@@ -276,21 +340,7 @@ def _load_hf(
         ds = ds.rename_column(cmap["image"], "image")
     if cmap["text"] != "text":
         ds = ds.rename_column(cmap["text"], "text")
-    if ds.features["image"] == datasets.Value("string"):
-        # A column of paths: resolve relative ones against image_root, then store as {"bytes": None, "path"}.
-        if image_root is not None:
-            ds = ds.map(
-                lambda b: {
-                    "image": [
-                        p if not p or os.path.isabs(p) else os.path.join(image_root, p) for p in b["image"]
-                    ]
-                },
-                batched=True,
-            )
-        ds = ds.cast_column("image", datasets.Image(decode=False))
-    elif isinstance(ds.features["image"], datasets.Image):
-        # Metadata-only change: rows become {"bytes", "path"} dicts, decoded later one at a time.
-        ds = ds.cast_column("image", datasets.Image(decode=False))
+    # Ids before any row is refused, so they keep their position in the split.
     if cmap["id"] in cols:
         if cmap["id"] != "id":
             ds = ds.rename_column(cmap["id"], "id")
@@ -298,6 +348,30 @@ def _load_hf(
             ds = ds.cast_column("id", datasets.Value("string"))
     else:
         ds = ds.add_column("id", [f"{split}-{i}" for i in range(len(ds))])
+    if ds.features["image"] == datasets.Value("string"):
+        # A column of paths: resolve relative ones against image_root, then store as {"bytes": None, "path"}.
+        if image_root is not None:
+            # Plain lists, not ds.map: a cached map result would skip the function and with it the check.
+            given = ds["image"]
+            resolved = [p if not p or os.path.isabs(p) else os.path.join(image_root, p) for p in given]
+            ds = ds.remove_columns("image").add_column("image", resolved)
+            if not allow_outside:
+                real_root = os.path.realpath(image_root)
+                problems, keep = [], []
+                for i, (rid, p, full) in enumerate(zip(ds["id"], given, resolved)):
+                    real = _outside_root(full, real_root) if p else None
+                    if real is None:
+                        keep.append(i)
+                    else:
+                        where = f"{source!r} split {split!r} row {i}"
+                        problems.append(_outside_problem(rid, where, p, real, real_root))
+                _report(problems, f"{source!r} split {split!r}", problems_out)
+                if problems:
+                    ds = ds.select(keep)
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    elif isinstance(ds.features["image"], datasets.Image):
+        # Metadata-only change: rows become {"bytes", "path"} dicts, decoded later one at a time.
+        ds = ds.cast_column("image", datasets.Image(decode=False))
     return ds.select_columns(["id", "image", "text"])
 
 
@@ -308,6 +382,8 @@ def load_split(
     column_map: dict[str, str] | None = None,
     image_root: str | None = None,
     max_samples: int | None = None,
+    allow_paths_outside_root: bool = False,
+    problems: list | None = None,
 ) -> datasets.Dataset:
     """Load one split as a ``datasets.Dataset`` with columns ``id``, ``image`` (undecoded), ``text``.
 
@@ -318,25 +394,33 @@ def load_split(
             folder, or imagefolder folder.
         split: Split name, e.g. ``train``, ``val``, ``test``.
         column_map: ``{our name: your column}`` for ``image``/``text``/``id``.
-        image_root: Folder that relative image paths resolve against (manifest and imagefolder formats).
+        image_root: Folder that relative image paths resolve against (manifest and imagefolder formats,
+            parquet/hub path columns); also the root image paths must stay inside.
         max_samples: Keep only the first N rows.
+        allow_paths_outside_root: Accept image paths that resolve outside the image root (``..``,
+            absolute paths, symlinks) instead of refusing them as ``path_outside_root``.
+        problems: ``None`` (training): per-line structural problems raise. A list (``python -m
+            data.check``): they are appended to it as ``{"id", "reason", "message"}`` dicts and the other
+            lines still load.
 
     Returns:
         The split; ``image`` values are ``{"bytes": ..., "path": ...}`` dicts (``datasets.Image(decode=False)``).
 
     Raises:
-        DataSourceError: Missing source, hub unreachable, unknown split, missing columns, malformed manifest.
+        DataSourceError: Missing source, hub unreachable, unknown split, missing columns; malformed
+            manifest/metadata lines or paths outside the root when ``problems`` is None.
     """
     cmap = _resolve_map(column_map)
     if max_samples is not None and max_samples < 1:
         raise DataSourceError("bad_max_samples", f"max_samples must be >= 1 or None, got {max_samples!r}.")
     if image_root is not None and not os.path.isdir(image_root):
         raise DataSourceError("source_not_found", f"image_root {image_root!r} is not a folder.")
+    checks = (allow_paths_outside_root, problems)
     if "{split}" in source:
-        return _load_manifest(source, split, cmap, image_root, max_samples)
+        return _load_manifest(source, split, cmap, image_root, max_samples, *checks)
     if os.path.isdir(source):
         if _split_files(source, MANIFEST_SUFFIX):
-            return _load_manifest(source, split, cmap, image_root, max_samples)
+            return _load_manifest(source, split, cmap, image_root, max_samples, *checks)
         meta = _imagefolder_files(source)
         if meta:
             if split not in meta:
@@ -344,8 +428,8 @@ def load_split(
             path = meta[split]
             base = image_root or os.path.dirname(path)
             key = cmap["image"] if cmap["image"] != "image" else "file_name"
-            return _from_records(path, split, cmap, key, base, max_samples)
-        return _load_hf(source, split, cmap, image_root, max_samples, is_local=True)
+            return _from_records(path, split, cmap, key, base, max_samples, *checks)
+        return _load_hf(source, split, cmap, image_root, max_samples, True, *checks)
     if os.path.exists(source):
         raise DataSourceError(
             "source_not_found",
@@ -363,4 +447,4 @@ def load_split(
             "source_not_found",
             f"{source!r} does not exist (not a folder, not a manifest template, and not an 'owner/name' hub id).",
         )
-    return _load_hf(source, split, cmap, image_root, max_samples, is_local=False)
+    return _load_hf(source, split, cmap, image_root, max_samples, False, *checks)

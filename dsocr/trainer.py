@@ -32,7 +32,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 

@@ -5,6 +5,7 @@ import json
 
 import datasets
 import numpy as np
+import pytest
 from PIL import Image
 
 from data import check
@@ -45,7 +46,12 @@ def bad_parquet(tmp_path):
         "bomb": ("decompression_bomb", enc(Image.new("1", (6000, 6000), 1))),
     }
     rows += [(rid, data, "文字") for rid, (_, data) in expected.items()]
-    labels = {"empty": "", "blank": "  \u3000 ", "long": "字" * 300, "none": None}
+    labels = {
+        "empty": "",
+        "blank": "  \u3000 ",
+        "long": "字" * 600,
+        "none": None,
+    }  # 600 > the default limit of 512
     rows += [(rid, good, text) for rid, text in labels.items()]
     expected.update(
         {
@@ -103,18 +109,18 @@ def test_check_manifest_missing_file_and_column_map(tmp_path, capsys):
     assert "train-1\tmissing_image_file" in out and "gone.png" in out and "1 ok, 1 bad" in out
 
 
-def test_check_structural_problems_exit_2(tmp_path, capsys):
+def test_check_manifest_lines_listed_exit_1_parquet_missing_column_exit_2(tmp_path, capsys):
     with open(tmp_path / "train.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"image": "a.png"}) + "\n")
         f.write(json.dumps({"image": "b.png", "text": 3}) + "\n")
     report = tmp_path / "r.jsonl"
-    assert check.main([str(tmp_path), "--out", str(report)]) == 2
+    assert check.main([str(tmp_path), "--out", str(report)]) == 1  # malformed lines are bad records
     rows = [json.loads(x) for x in report.read_text().splitlines()]
     assert [(r["id"], r["reason"]) for r in rows] == [
         ("train-0", "missing_column"),
         ("train-1", "label_not_string"),
     ]
-    assert "missing_column" in capsys.readouterr().err
+    assert "train-0\tmissing_column" in capsys.readouterr().out
     # a parquet without the mapped columns
     pq = tmp_path / "pq"
     (pq / "data").mkdir(parents=True)
@@ -124,3 +130,127 @@ def test_check_structural_problems_exit_2(tmp_path, capsys):
     assert check.main([str(pq)]) == 2
     assert "--column-map image=img,text=label" in capsys.readouterr().err
     assert check.main([str(pq), "--column-map", "image=img,text=label"]) == 1  # "x" is no file -> per record
+
+
+def one_pass_manifest(tmp_path):
+    """One good line, then a bad-JSON line, a line without text, a corrupt image and an empty label."""
+    (tmp_path / "ok.png").write_bytes(enc(Image.new("RGB", (40, 12), "white")))
+    (tmp_path / "corrupt.png").write_bytes(b"garbage")
+    with open(tmp_path / "train.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"image": "ok.png", "text": "好"}) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"image": "ok.png"}) + "\n")
+        f.write(json.dumps({"image": "corrupt.png", "text": "坏"}) + "\n")
+        f.write(json.dumps({"image": "ok.png", "text": "  "}) + "\n")
+    return {
+        "train-1": "bad_json",
+        "train-2": "missing_column",
+        "train-3": "corrupt_image",
+        "train-4": "empty_label",
+    }
+
+
+def test_check_scan_reports_structural_and_record_problems_in_one_pass(tmp_path):
+    expected = one_pass_manifest(tmp_path)
+    rep = check.scan(str(tmp_path), "train")
+    assert {b["id"]: b["reason"] for b in rep["bad"]} == expected and len(rep["bad"]) == 4
+    assert rep["total"] == 5 and rep["ok"] == 1
+    assert rep["counts"] == {"bad_json": 1, "missing_column": 1, "corrupt_image": 1, "empty_label": 1}
+
+
+def test_check_main_reports_structural_and_record_problems_in_one_pass(tmp_path, capsys):
+    expected = one_pass_manifest(tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert check.main([str(tmp_path / "{split}.jsonl"), "--out", str(out)]) == 1
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert {r["id"]: r["reason"] for r in rows} == expected and len(rows) == 4
+    text = capsys.readouterr().out
+    for rid, reason in expected.items():
+        assert f"{rid}\t{reason}\t" in text
+    assert "checked 5 records" in text and "1 ok, 4 bad" in text
+    assert "bad_json: 1, corrupt_image: 1, empty_label: 1, missing_column: 1" in text
+
+
+def label_manifest(folder, label):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ok.png").write_bytes(enc(Image.new("RGB", (40, 12), "white")))
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"image": "ok.png", "text": label}, ensure_ascii=False) + "\n")
+
+
+def test_check_config_limits_are_the_training_limits(tmp_path, capsys):
+    label_manifest(tmp_path / "man", "六个字的标签")  # 6 characters
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"output_dir: runs/x\nmodel:\n  family: deepseek_ocr_v1\ndata:\n  dataset: {tmp_path / 'man'}\n"
+        "  train_split: train\n  max_label_chars: 5\n",
+        encoding="utf-8",
+    )
+    assert check.main(["--config", str(cfg), "--split", "train"]) == 1  # source from data.dataset
+    out = capsys.readouterr().out
+    assert "train-0\tlabel_too_long\t" in out and "over the limit of 5" in out
+    # without --config the default limit (512) applies
+    assert check.main([str(tmp_path / "man")]) == 0
+    label_manifest(tmp_path / "long", "字" * 513)
+    assert check.main([str(tmp_path / "long")]) == 1
+    assert "over the limit of 512" in capsys.readouterr().out
+    # an explicit flag wins over the config
+    assert check.main(["--config", str(cfg), "--max-label-chars", "6"]) == 0
+
+
+def test_check_config_takes_every_data_key(tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "wide.png").write_bytes(enc(Image.new("RGB", (90, 10), "white")))  # aspect 9:1, 900 pixels
+    man = tmp_path / "man"
+    man.mkdir()
+    with open(man / "train.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"img": "wide.png", "label": "宽"}) + "\n")
+        f.write(json.dumps({"img": "../../etc/hostname", "label": "外"}) + "\n")
+    base = f"data:\n  dataset: {man}\n  column_map: {{image: img, text: label}}\n  image_root: {imgs}\n"
+
+    def run(extra, *flags):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(base + extra, encoding="utf-8")
+        rc = check.main(["--config", str(cfg), *flags])
+        return rc, capsys.readouterr().out
+
+    rc, out = run("")  # column_map and image_root from the config; the ../ path is refused
+    assert rc == 1 and "train-0" not in out and "train-1\tpath_outside_root" in out
+    assert "allow_paths_outside_root" in out
+    rc, out = run("  allow_paths_outside_root: true\n  max_image_aspect: 5\n")
+    assert "train-0\textreme_aspect" in out and "path_outside_root" not in out
+    rc, out = run(
+        "  max_image_aspect: 1e1\n  max_image_pixels: 800\n"
+    )  # YAML 1.2 float, as training reads it
+    assert "train-0\tdecompression_bomb" in out and "800" in out
+    rc, out = run("  min_image_side: 11\n")
+    assert "train-0\ttoo_small" in out
+    rc, out = run("  min_image_side: 11\n", "--min-side", "2", "--allow-paths-outside-root")
+    assert "train-0" not in out and "path_outside_root" not in out
+
+
+def test_check_config_errors(tmp_path, capsys):
+    label_manifest(tmp_path / "man", "好")
+    cfg = tmp_path / "c.yaml"
+
+    def err(text, *argv):
+        if text is not None:
+            cfg.write_text(text, encoding="utf-8")
+        with pytest.raises(SystemExit) as ei:
+            check.main(list(argv) or ["--config", str(cfg)])
+        assert ei.value.code == 2
+        return capsys.readouterr().err
+
+    assert "give a source" in err(None, "--split", "train")
+    assert "does not exist" in err(None, "--config", str(tmp_path / "nope.yaml"))
+    assert "data.dataset" in err("data:\n  max_label_chars: 5\n")  # no source anywhere
+    msg = err(f"data:\n  dataset: {tmp_path / 'man'}\n  max_label_chars: many\n")
+    assert "data.max_label_chars" in msg and "'many'" in msg and "integer" in msg
+    msg = err(f"data:\n  dataset: {tmp_path / 'man'}\n  column_map: [image, img]\n")
+    assert "data.column_map" in msg and "image: img" in msg
+    assert "mapping" in err("- a\n- b\n")
+    # an unknown split is still an error (exit 2), whichever way the source came
+    cfg.write_text(f"data:\n  dataset: {tmp_path / 'man'}\n", encoding="utf-8")
+    assert check.main(["--config", str(cfg), "--split", "val"]) == 2
+    assert "unknown_split" in capsys.readouterr().err

@@ -106,3 +106,45 @@ def test_bad_settings():
         ConversationDataset(ds, skipped_log="x.jsonl")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['id'\]"):
         ConversationDataset(ds.remove_columns("id"))
+
+
+def test_skip_log_lines_carry_the_split_and_count_skipped_counts_distinct_records(tmp_path):
+    from data import convert  # attribute access: the module's other tests run even without count_skipped
+
+    log = tmp_path / "skipped.jsonl"
+    assert convert.count_skipped(log) == {}  # no log yet: nothing skipped
+    train = dataset([("a", png(), "好"), ("b", b"junk", "坏"), ("c", png(), " ")])
+    val = dataset([("a", b"junk", "坏"), ("v", png(), "好")])  # same id "a" as train, another split
+    # two DataLoader "workers" (one dataset copy each) meet the same bad train records
+    for _worker in range(2):
+        ds = ConversationDataset(train, on_bad_record="skip", skipped_log=log, split="train")
+        assert [ds[i] is None for i in range(len(ds))] == [False, True, True]
+    # every evaluation re-reads the eval split in a fresh process
+    for _evaluation in range(3):
+        ds = ConversationDataset(val, on_bad_record="skip", skipped_log=log, split="val")
+        assert [ds[i] is None for i in range(len(ds))] == [True, False]
+    lines = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 2 * 2 + 3  # one line per record per process
+    assert all(set(x) == {"id", "reason", "message", "split"} for x in lines)
+    assert [(x["split"], x["id"], x["reason"]) for x in lines[:2]] == [
+        ("train", "b", "corrupt_image"),
+        ("train", "c", "empty_label"),
+    ]
+    assert convert.count_skipped(log) == {"train": 2, "val": 1}
+    assert convert.count_skipped(str(log)) == {"train": 2, "val": 1}
+
+
+def test_count_skipped_without_split_and_broken_lines(tmp_path):
+    from data import convert
+
+    log = tmp_path / "skipped.jsonl"
+    ds = ConversationDataset(dataset([("b", b"junk", "坏")]), on_bad_record="skip", skipped_log=log)
+    ds[0]
+    assert json.loads(log.read_text(encoding="utf-8"))["split"] is None  # written, not left out
+    ds2 = ConversationDataset(dataset([("b", b"junk", "坏")]), on_bad_record="skip", skipped_log=log)
+    ds2[0]
+    assert convert.count_skipped(log) == {convert.NO_SPLIT: 1}
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"id": "x", "rea')  # a process killed mid-line
+    with pytest.raises(ValueError, match=r"skipped\.jsonl:3.*not a skip-log line"):
+        convert.count_skipped(log)

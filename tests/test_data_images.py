@@ -142,7 +142,7 @@ def test_too_small_and_extreme_aspect():
         "20000x20",
         "1000.0:1",
         "100:1",
-        "max_aspect",
+        "data.max_image_aspect",
         "skip",
     )
     assert "--max-aspect" in msg
@@ -157,7 +157,7 @@ def test_decompression_bomb_from_header():
     # 1-bit PNG: 36 M pixels compress to a few KB; our header check (limit 32 M) refuses it before decoding.
     data = encode(Image.new("1", (6000, 6000), 1))
     assert len(data) < 100_000
-    bad(data, "decompression_bomb", "6000x6000", "36,000,000", "32,000,000", "max_pixels")
+    bad(data, "decompression_bomb", "6000x6000", "36,000,000", "32,000,000", "data.max_image_pixels")
     # 100 M pixels: PIL's own check (89 M) fires first inside Image.open; still our error and message.
     bad(encode(Image.new("1", (10000, 10000), 1)), "decompression_bomb", "100000000", "--max-pixels")
     bad(
@@ -195,3 +195,20 @@ def test_validate_text():
         assert needle in str(ei.value) and "val-3" in str(ei.value)
     with pytest.raises(BadRecordError, match="limit of 5"):
         validate_text("abcdef", record_id="x", max_chars=5)
+
+
+def test_limit_messages_name_the_run_config_keys():
+    # A training run sets its limits in the run config's data: block: the fix must name those keys.
+    bomb = bad(
+        encode(Image.new("L", (300, 300))), "decompression_bomb", limits=ImageLimits(max_pixels=50_000)
+    )
+    assert "data.max_image_pixels" in bomb and "--max-pixels" in bomb
+    small = bad(line((50, 10)), "too_small", limits=ImageLimits(min_side=16))
+    assert "data.min_image_side" in small and "--min-side" in small
+    strip = bad(encode(Image.new("L", (3000, 20), 255)), "extreme_aspect")
+    assert "data.max_image_aspect" in strip and "--max-aspect" in strip
+    with pytest.raises(BadRecordError) as ei:
+        validate_text("字" * 513, record_id="x")  # the default limit is 512
+    assert "limit of 512" in str(ei.value)
+    assert "data.max_label_chars" in str(ei.value) and "--max-label-chars" in str(ei.value)
+    assert validate_text("字" * 512, record_id="x") == "字" * 512

@@ -183,3 +183,44 @@ def test_parquet_path_strings_resolve_against_image_root(tmp_path):
     assert_schema(ds)
     assert ds[0]["image"] == {"bytes": None, "path": str(tmp_path / "imgs" / "a.png")}
     assert open_image(ds[0]["image"], record_id="a").size == (34, 16)
+
+
+def test_problems_list_collects_malformed_lines_and_loads_the_rest(tmp_path):
+    write_manifest(
+        tmp_path,
+        "train.jsonl",
+        [
+            {"image": "a.png"},
+            "{not json",
+            {"image": "b.png", "text": 5},
+            [1],
+            {"image": "c.png", "text": "ok", "id": "c"},
+        ],
+    )
+    problems = []
+    ds = load_split(str(tmp_path / "{split}.jsonl"), "train", problems=problems)
+    assert_schema(ds)
+    assert ds["id"] == ["c"] and ds["text"] == ["ok"] and ds[0]["image"]["path"] == str(tmp_path / "c.png")
+    assert [(p["id"], p["reason"]) for p in problems] == [
+        ("train-0", "missing_column"),
+        ("train-1", "bad_json"),
+        ("train-2", "label_not_string"),
+        ("train-3", "bad_json"),
+    ]
+    assert all(set(p) == {"id", "reason", "message"} for p in problems)
+    assert "train.jsonl:1" in problems[0]["message"] and "['text']" in problems[0]["message"]
+    # whole-source problems still raise, even with a list
+    with pytest.raises(DataSourceError, match="unknown_split"):
+        load_split(str(tmp_path / "{split}.jsonl"), "val", problems=[])
+    # a list that already holds entries is appended to, not replaced
+    more = [{"id": "x", "reason": "earlier", "message": "kept"}]
+    load_split(str(tmp_path), "train", problems=more)
+    assert len(more) == 5 and more[0]["reason"] == "earlier"
+
+
+def test_problems_list_with_only_malformed_lines_gives_an_empty_split(tmp_path):
+    write_manifest(tmp_path, "train.jsonl", ["{not json", {"text": "no image"}])
+    problems = []
+    ds = load_split(str(tmp_path), "train", problems=problems)
+    assert_schema(ds)
+    assert len(ds) == 0 and [p["reason"] for p in problems] == ["bad_json", "missing_column"]

@@ -9,8 +9,8 @@ import sys
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from eval import peers
 from dsocr.metrics import NormalizeConfig
+from eval import peers
 
 NORM = NormalizeConfig()
 

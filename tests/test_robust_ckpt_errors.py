@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_CONFIG
 
-from eval import eval_cer
 from dsocr.config import save_config
+from eval import eval_cer
 
 
 def complete(folder: Path, cfg, base: str | None = None) -> Path:

@@ -41,11 +41,11 @@ def main(cfg: RunConfig) -> dict:
     from transformers import set_seed
 
     from dsocr.adapters import add_lora
+    from dsocr.checkpointing import finish_from_checkpoint
     from dsocr.checkpoints import plan_resume
     from dsocr.datasets import SKIPPED_LOG, build_train_eval, skipped_counts
     from dsocr.devices import peak_memory_gib
     from dsocr.loading import load_base
-    from dsocr.checkpointing import finish_from_checkpoint
     from dsocr.trainer import OCRTrainer
 
     # ---------------------------------------------------------------- config, run folder, resume plan

@@ -858,6 +858,21 @@ class DeepseekOCRForCausalLM(DeepseekOCRPreTrainedModel, GenerationMixin):
                 denom = denom.to(loss.device)
         return loss / denom
 
+    @staticmethod
+    def _aux_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+        """This micro-batch's share of the accumulated batch, by supervised tokens (1 without accumulation).
+
+        With ``num_items_in_batch`` the Trainer sums the micro-batch losses instead of averaging them, which
+        is exact for the token loss (each is sum / total). The balancing loss is a mean per micro-batch, so
+        it is weighted by the micro-batch's share of the target tokens: summed over the accumulation steps
+        it stays one balancing loss per optimizer step, not one per micro-batch.
+        """
+        if num_items_in_batch is None:
+            return 1.0
+        mine = (labels[:, 1:] != -100).sum()
+        total = num_items_in_batch.to(mine.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        return mine / total
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -924,7 +939,7 @@ class DeepseekOCRForCausalLM(DeepseekOCRPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self._loss(hidden, labels, num_items_in_batch)
             if outputs.aux_loss is not None:
-                loss = loss + outputs.aux_loss
+                loss = loss + outputs.aux_loss * self._aux_share(labels, num_items_in_batch)
         if return_logits is None:
             return_logits = labels is None
         logits = None
