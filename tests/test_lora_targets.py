@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from dsocr.loading import add_lora, load_adapter, load_base
+from dsocr.adapters import add_lora, load_adapter
+from dsocr.loading import load_base
 
 
 @pytest.mark.parametrize("family", FAMILIES)

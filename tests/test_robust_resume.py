@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, TINY_CONFIG
 from safetensors.torch import load_file
 
-from dsocr.checkpointing import PAUSE_ENV, is_complete_checkpoint, list_checkpoints, rotate
-from dsocr.trainer import resolve_resume
+from dsocr.checkpointing import PAUSE_ENV, rotate
+from dsocr.checkpoints import CheckpointError, is_complete_checkpoint, list_checkpoints, plan_resume
 
 # 6 optimizer steps of batch 2 over 8 lines (a second epoch starts after step 4), a checkpoint every 2
 # steps, at most 2 kept. Evaluation is on (so a fresh run evaluates before step 1, a resumed one does
@@ -161,6 +161,8 @@ def fake_checkpoint(folder: Path, missing: tuple[str, ...] = ()) -> Path:
                  "scheduler.pt", "run_config.yaml", "rng_state.pth"):
         if name not in missing:
             (folder / name).write_text("")
+    if "trainer_state.json" not in missing:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[-1])}))
     return folder
 
 
@@ -170,18 +172,30 @@ def test_latest_skips_incomplete_and_temporaries_with_reasons(tmp_path, caplog):
     fake_checkpoint(tmp_path / "checkpoint-5", missing=("run_config.yaml", "rng_state.pth"))
     fake_checkpoint(tmp_path / ".tmp-checkpoint-6")
     with caplog.at_level(logging.INFO):
-        assert resolve_resume("latest", tmp_path) == str(tmp_path / "checkpoint-2")
+        assert plan_resume("latest", tmp_path).checkpoint == str(tmp_path / "checkpoint-2")
     text = caplog.text
     assert f"skipping incomplete checkpoint {tmp_path / 'checkpoint-5'} (missing: run_config.yaml, rng_state.pth)" in text
     assert f"skipping incomplete checkpoint {tmp_path / 'checkpoint-4'} (missing: optimizer.pt)" in text
     assert f"ignoring {tmp_path / '.tmp-checkpoint-6'}: a checkpoint save or rotation that was interrupted" in text
 
-    with pytest.raises(FileNotFoundError, match=r"missing: optimizer\.pt\). To fix"):
-        resolve_resume(str(tmp_path / "checkpoint-4"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"missing: optimizer\.pt\). To fix"):
+        plan_resume(str(tmp_path / "checkpoint-4"), tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=f"'{empty}' holds no complete checkpoint-N folder"):
-        resolve_resume("latest", empty)
+    with pytest.raises(CheckpointError, match=f"'{empty}' holds no complete checkpoint-N folder"):
+        plan_resume("latest", empty)
+
+
+def test_auto_resumes_when_there_is_a_checkpoint_else_starts_fresh(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    plan = plan_resume("auto", empty, max_steps=10)
+    assert (plan.checkpoint, plan.finished) == (None, False) and "starting a fresh run" in plan.reason
+    fake_checkpoint(tmp_path / "checkpoint-4")
+    plan = plan_resume("auto", tmp_path, max_steps=10)
+    assert (plan.checkpoint, plan.finished) == (str(tmp_path / "checkpoint-4"), False)
+    plan = plan_resume("auto", tmp_path, max_steps=4)
+    assert plan.finished and "nothing to train" in plan.reason
 
 
 def test_rotation_never_deletes_last_complete_or_best(tmp_path):
