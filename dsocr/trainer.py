@@ -4,7 +4,8 @@
 exact corpus NLL over target tokens, and adds CER / line accuracy on a small fixed subset of the eval
 split, so ``metric_for_best_model: eval_cer`` can pick the best checkpoint by what users care about.
 
-Robustness (dsocr/checkpointing.py has the mechanics), by overriding four ``Trainer`` methods:
+Robustness (dsocr/checkpointing.py has the mechanics), by a public callback and three overridden private
+``Trainer`` methods (which is why ``dsocr/versions.py`` holds transformers to the tested version):
 
 * ``_save_checkpoint``: HF writes straight into ``checkpoint-N`` (a kill mid-save leaves a folder that
   looks resumable) and we used to add ``run_config.yaml`` after it, in a callback. Ours writes the same
@@ -13,9 +14,10 @@ Robustness (dsocr/checkpointing.py has the mechanics), by overriding four ``Trai
   and renames, then rotates without ever deleting the newest complete or the best checkpoint.
 * ``_finalize_training``: HF's end-of-training cleanup deletes every checkpoint but the best when
   ``save_total_limit == 1``, the last complete one included; we keep ours (the rotation keeps both).
-* ``_maybe_log_save_evaluate``: after HF's log/eval/save of an optimizer step, a pending SIGTERM/SIGINT
-  forces a checkpoint of that step and stops training (the only place where the step is finished and
-  no gradient is half-accumulated).
+* ``_load_from_checkpoint``: HF's resume loading with PEFT's v5 key renaming switched off (it would drop
+  OCR-2's adapter weights).
+* ``_StopAtStepEnd`` (a ``TrainerCallback``): a pending SIGTERM/SIGINT makes HF save the step just
+  finished and stop.
 * ``train``: installs the signal handlers for its duration only, and removes leftovers of killed saves.
 
 Exact resume: HF already restores adapter, optimizer, scheduler and RNG and skips the consumed batches
@@ -32,7 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from collator.deepseek_ocr import DeepSeekOCRDataCollator
@@ -45,6 +47,28 @@ from dsocr.metrics import NormalizeConfig, perplexity, score_lines
 
 log = logging.getLogger(__name__)
 __all__ = ["OCRTrainer"]
+
+
+class _StopAtStepEnd(TrainerCallback):
+    """On a pending SIGTERM/SIGINT, ask the Trainer to save this optimizer step and stop (a public hook).
+
+    ``on_step_end`` runs after the optimizer step and before HF's log/eval/save of that step: the only
+    point where the step is finished and no gradient is half-accumulated. Setting ``should_save`` makes
+    HF's own save of this step happen (once, also when the schedule saves it anyway), and
+    ``should_training_stop`` ends the epoch loop right after.
+    """
+
+    def __init__(self, trainer: OCRTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Test pause point ``step:N``, then the signal check."""
+        pause_for_test("step", state.global_step, args.output_dir)
+        signals = self.trainer._signals
+        if signals is not None and signals.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 class OCRTrainer(Trainer):
@@ -62,6 +86,7 @@ class OCRTrainer(Trainer):
             # hands data_seed to the accelerator.
             targs.data_seed = targs.seed
         super().__init__(*args, **kwargs)
+        self.add_callback(_StopAtStepEnd(self))
         self.run_cfg = run_cfg
         self.cer_records = cer_records or []
         self.stopped_by: str | None = None
@@ -83,18 +108,6 @@ class OCRTrainer(Trainer):
         finally:
             self._signals = None
         return out
-
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
-                                 learning_rate=None):
-        """HF's per-step log/eval/save, then: on a pending signal, checkpoint this step and stop."""
-        pause_for_test("step", self.state.global_step, self.args.output_dir)
-        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
-                                         learning_rate=learning_rate)
-        if self._signals is not None and self._signals.received is not None:
-            if self.last_checkpoint != str(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
-                self._save_checkpoint(model, trial)  # this step has not been saved by the schedule
-                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-            self.control.should_training_stop = True  # _run_epoch breaks right after this call
 
     # ---------------------------------------------------------------- atomic checkpoints
 
