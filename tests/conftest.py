@@ -22,13 +22,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+DEMO_SIZES = {"train": 64, "val": 16, "test": 16}
+# A machine without CJK fonts (the GPU box) gets the same data generated elsewhere:
+#   python -m data.generate --preset demo --out DIR --train 64 --val 16 --test 16 --seed 0
+PREBUILT_DATA_ENV = "DSOCR_TEST_DEMO_DATA"
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    """A small demo-preset dataset: train 64, val 16, test 16 lines."""
+    """A small demo-preset dataset: train 64, val 16, test 16 lines (or the prebuilt copy named by the env)."""
+    if prebuilt := os.environ.get(PREBUILT_DATA_ENV):
+        return Path(prebuilt)
     from data.generate import generate
 
     out = tmp_path_factory.mktemp("demo_data")
-    generate(str(out), {"train": 64, "val": 16, "test": 16}, seed=0, preset="demo")
+    generate(str(out), DEMO_SIZES, seed=0, preset="demo")
     return out
 
 
