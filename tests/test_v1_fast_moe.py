@@ -199,10 +199,10 @@ def test_grouped_equals_loop_bf16_cuda():
     """The GPU recipe's path: bf16 weights on CUDA, where the grouped GEMM kernel (not the CPU one) runs."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    model = _lora_model(n_experts=8).to("cuda", torch.bfloat16)
+    model = _lora_model(n_experts=8, r=16).to("cuda", torch.bfloat16)  # the recipe's rank: widths % 8 == 0
     moe = _moe(model)
     x = torch.randn(4, 64, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    assert grouped_experts._grouped_kernel_fits(x, [model.config.hidden_size, model.config.moe_intermediate_size, 4])
+    assert grouped_experts._grouped_kernel_fits(x, [model.config.hidden_size, model.config.moe_intermediate_size, 16])
     # bf16 has an 8-bit mantissa and the two paths sum in different orders: compare at bf16 resolution,
     # relative to each tensor's scale.
     y_loop, gx_loop, g_loop = _run(moe, x, "loop")
