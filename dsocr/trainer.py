@@ -44,6 +44,7 @@ from dsocr.checkpoints import TMP_PREFIX
 from dsocr.config import RunConfig, save_config
 from dsocr.generation import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for
 from dsocr.metrics import NormalizeConfig, perplexity, score_lines
+from dsocr.speed import SpeedMeter
 
 log = logging.getLogger(__name__)
 __all__ = ["OCRTrainer"]
@@ -78,7 +79,8 @@ class OCRTrainer(Trainer):
     ``last_checkpoint`` the folder of the newest checkpoint this trainer published.
     """
 
-    def __init__(self, *args, run_cfg: RunConfig, cer_records: list | None = None, **kwargs):
+    def __init__(self, *args, run_cfg: RunConfig, cer_records: list | None = None,
+                 model_loaded_at: float | None = None, **kwargs):
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None and targs.data_seed is None:
             # The seedable sampler otherwise takes torch.initial_seed() when train() builds the dataloader:
@@ -87,6 +89,10 @@ class OCRTrainer(Trainer):
             targs.data_seed = targs.seed
         super().__init__(*args, **kwargs)
         self.add_callback(_StopAtStepEnd(self))
+        a = self.args
+        self.speed = SpeedMeter(a.per_device_train_batch_size * a.gradient_accumulation_steps * max(a.world_size, 1),
+                                model_loaded_at=model_loaded_at)
+        self.add_callback(self.speed)  # after the stop flag: it sees the step's final should_save
         self.run_cfg = run_cfg
         self.cer_records = cer_records or []
         self.stopped_by: str | None = None

@@ -72,6 +72,7 @@ def main(cfg: RunConfig) -> dict:
     family = loaded.family
     trainable = add_lora(loaded)
     model = loaded.model
+    model_loaded_at = time.perf_counter()
     if args.gradient_checkpointing:
         # Frozen embeddings give the checkpointed blocks inputs without grad; PEFT's hook fixes that.
         model.enable_input_require_grads()
@@ -96,6 +97,7 @@ def main(cfg: RunConfig) -> dict:
     trainer = OCRTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         run_cfg=cfg, cer_records=cer_records,  # the trainer writes run_config.yaml into every checkpoint
+        model_loaded_at=model_loaded_at,
     )
     before = None
     if plan.checkpoint is None and args.eval_strategy != "no":
@@ -117,6 +119,10 @@ def main(cfg: RunConfig) -> dict:
     save_config(cfg, final_dir)
     metrics = dict(train_result.metrics)
     metrics["train_wall_s"] = round(elapsed, 2)
+    # HF's train_samples_per_second counts a resumed run's skipped steps too; these are the steps run here.
+    speed = trainer.speed.report()
+    metrics.update({f"speed_{k}": v for k, v in speed.items() if k in (
+        "steps_run", "samples_run", "steady_samples_per_s", "first_step_s", "model_loaded_to_first_step_s")})
     # Counted from the log, which every DataLoader worker appends to; distinct records per split.
     skipped = skipped_counts(output_dir)
     metrics["skipped_records"] = skipped.get(cfg.data.train_split, 0)
