@@ -14,7 +14,7 @@ Written to ``<output_dir>/speed.json`` at the end of training:
   autotuning, the DataLoader's first batches); ``model_loaded_to_first_step_s`` when the caller gives
   the time the model finished loading.
 * ``steady_samples_per_s``: samples per second over the steps after ``warmup_steps`` steps, save time
-  excluded (``save_s`` lists each save).
+  excluded (``save_s`` lists each save), and before the profiled steps if any.
 * ``breakdown_ms`` (only with ``DSOCR_PROFILE_STEPS=A:B``): per-phase mean over steps A..B-1, measured
   with a device synchronisation at each phase boundary (so those steps run slower than the others):
   ``between_steps`` (fetching the next batch from the DataLoader, logging, Trainer bookkeeping),
@@ -192,6 +192,8 @@ class SpeedMeter(TrainerCallback):
             out["model_loaded_to_first_step_s"] = round(first_end - self.model_loaded_at, 3)
         # Steady window: from the end of the warm-up steps to the last step, minus the saves inside it.
         ends = self.step_ends
+        if self.profile is not None:  # synchronised, profiled steps are slower: the window stops before them
+            ends = [(step, t) for step, t in ends if step < self.profile[0]]
         if len(ends) > self.warmup_steps + 1:
             (_, t0), (_, t1) = ends[self.warmup_steps], ends[-1]
             saved = sum(e - s for _, s, e in self.saves if s >= t0 and e <= t1)
