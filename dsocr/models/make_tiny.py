@@ -1,6 +1,7 @@
 """Write a tiny random-weight model of a family, loadable like a hub checkpoint (tests, CPU demo).
 
     python -m dsocr.models.make_tiny --family deepseek_ocr_v1 --out runs/tiny_models/deepseek_ocr_v1
+    python -m dsocr.models.make_tiny --family deepseek_ocr_v1 --full-size --out /tmp/v1_full   # GPU, speed tests
 
 The model is built from the real classes with shrunken sizes and saved with ``save_pretrained`` next
 to the real tokenizer (built offline), so the pipeline loads it through the same ``from_pretrained``
@@ -25,6 +26,38 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, force: bool = False) 
     return out
 
 
+def make_full_size_v1(out: str | Path, device: str = "cuda", seed: int = 0, force: bool = False) -> Path:
+    """A full-size DeepSeek-OCR v1 (3.34 B parameters, the official config) with random bf16 weights.
+
+    For speed and memory measurements on a machine without the hub: speed depends on shapes, not values.
+    Built directly on ``device`` (a CPU build takes minutes), saved like the hub checkpoint with the offline
+    tokenizer, so ``from_pretrained`` loads it through the pipeline's own path.
+    """
+    import torch
+
+    from dsocr.models.deepseek_ocr_v1.configuration import DeepseekOCRConfig
+    from dsocr.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
+    from dsocr.models.tokenizer import build_offline_tokenizer
+
+    out = Path(out)
+    if (out / "config.json").is_file() and not force:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = DeepseekOCRForCausalLM(DeepseekOCRConfig(pad_token_id=2, dtype="bfloat16"))
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(out)
+    build_offline_tokenizer().save_pretrained(out)
+    (out / "RANDOM_FULL_SIZE_MODEL.json").write_text('{"note": "random weights, official shapes: for speed tests"}')
+    del model
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    p.add_argument("--full-size", action="store_true",
+                   help="deepseek_ocr_v1 only: the official 3.34 B shapes with random weights (speed tests)")
+    p.add_argument("--device", default="cuda", help="where --full-size builds the model")
     a = p.parse_args(argv)
+    if a.full_size:
+        if a.family != "deepseek_ocr_v1":
+            p.error("--full-size is available for --family deepseek_ocr_v1")
+        print(make_full_size_v1(a.out, a.device, a.seed, a.force))
+        return
     print(make_tiny(a.family, a.out, a.seed, a.force))
 
 
