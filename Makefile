@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FONTS  := fonts-noto-cjk fonts-wqy-zenhei fonts-wqy-microhei fonts-arphic-ukai fonts-arphic-uming fonts-lxgw-wenkai fonts-smiley-sans
+# The web demo's browser test (tests/test_infer_app.py) drives Debian's chromium through chromedriver.
+BROWSER := chromium chromium-driver
 DEMO_MODEL := runs/tiny_models/deepseek_ocr_v1
 DEMO_DATA  := runs/demo_data
 
-.PHONY: setup fonts demo test test-slow lint clean-demo
+.PHONY: setup fonts browser demo test test-slow lint clean-demo
 
 fonts:
 	@if ! fc-list 2>/dev/null | grep -qi "Noto Sans CJK"; then \
@@ -16,10 +18,18 @@ fonts:
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(FONTS) >/dev/null; \
 	  else echo "install CJK fonts (Debian: $(FONTS))"; exit 1; fi; fi
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(BROWSER) >/dev/null; \
+	  else echo "install chromium and chromedriver (Debian: $(BROWSER))"; exit 1; fi; fi
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -34,7 +44,7 @@ demo: setup
 	$(PY) eval/eval_cer.py --config configs/tiny_cpu.yaml --ckpt $(DEMO_MODEL) --ckpt runs/tiny_cpu/final \
 	  --name base --name finetuned --out runs/tiny_cpu/compare
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 test-slow: setup

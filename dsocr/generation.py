@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from collator.deepseek_ocr import IGNORE_INDEX, DeepSeekOCRDataCollator
 from dsocr.devices import batch_to, model_dtype
@@ -88,7 +89,10 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
     padding; results come back in input order. Deterministic: greedy, no sampling.
 
     Returns:
-        One dict per record: ``id``, ``reference``, ``hypothesis``, ``new_tokens``.
+        One dict per record: ``id``, ``reference``, ``hypothesis``, ``new_tokens``, and the confidence of the
+        greedy answer: ``confidence_mean`` / ``confidence_min``, the mean and minimum probability of the
+        chosen tokens, EOS included (the stop decision is part of the answer), pads after it excluded;
+        ``None`` when nothing was generated. See ``GreedyTokenLogProbs``.
     """
     # Skipped (bad) records were already counted and logged by the dataset; score the rest.
     records = [r for r in records if r is not None]
@@ -108,17 +112,60 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
         batch, ids, refs = gen_collator.generation_batch([records[i] for i in idx])
         width = batch["input_ids"].shape[1]
         batch = batch_to(batch, device, dtype)
+        recorder = GreedyTokenLogProbs()
         out = model.generate(
             **batch, do_sample=False, num_beams=1, max_new_tokens=settings.max_new_tokens,
             no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            logits_processor=LogitsProcessorList([recorder]),
         )
         hyps = decode_continuations(tokenizer, out.cpu(), width)
         new_tokens = (out[:, width:] != tokenizer.pad_token_id).sum(1).tolist()
-        for i, rid, ref, hyp, n in zip(idx, ids, refs, hyps, new_tokens):
-            results[i] = {"id": rid, "reference": ref, "hypothesis": hyp, "new_tokens": int(n)}
+        confidences = recorder.confidences(out[:, width:], tokenizer.eos_token_id)
+        for i, rid, ref, hyp, n, (c_mean, c_min) in zip(idx, ids, refs, hyps, new_tokens, confidences):
+            results[i] = {"id": rid, "reference": ref, "hypothesis": hyp, "new_tokens": int(n),
+                          "confidence_mean": c_mean, "confidence_min": c_min}
     model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+class GreedyTokenLogProbs(LogitsProcessor):
+    """Records, at every step of greedy ``generate``, the log-probability of the token greedy decoding picks.
+
+    ``generate`` appends custom processors after its own (the no-repeat-n-gram ban included) and applies
+    no warper when it does not sample, so this one sees exactly the scores that ``output_scores`` returns
+    and that the greedy argmax is taken over: the maximum of their log-softmax is the chosen token's
+    log-probability (the same number as ``compute_transition_scores(..., normalize_logits=True)``). One
+    ``[B]`` value per step is kept instead of ``output_scores``' ``[B, vocab]`` tensors, which for a page
+    (thousands of steps over a 129,280-word vocabulary) would not fit in memory.
+    """
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Record the chosen token's log-probability; the scores pass through unchanged."""
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values)
+        return scores
+
+    def confidences(self, generated: torch.Tensor, eos_id: int) -> list[tuple[float | None, float | None]]:
+        """``(mean, min)`` token probability per row of ``generated`` (the new tokens, ``[B, T]``).
+
+        Positions up to and including a row's first EOS count; the padding a finished row receives while
+        the others go on does not.
+        """
+        if not self.steps or generated.shape[1] == 0:
+            return [(None, None)] * generated.shape[0]
+        probs = torch.stack(self.steps, dim=1).exp().to(generated.device)  # [B, T]
+        if probs.shape != generated.shape:
+            raise RuntimeError(f"recorded {tuple(probs.shape)} step probabilities for {tuple(generated.shape)} "
+                               "generated tokens: a generate() change broke the one-call-per-step contract")
+        is_eos = (generated == eos_id).int()
+        counted = (is_eos.cumsum(1) - is_eos) == 0  # nothing before this position was an EOS
+        n = counted.sum(1).clamp(min=1)
+        means = ((probs * counted).sum(1) / n).tolist()
+        mins = probs.masked_fill(~counted, float("inf")).min(1).values.tolist()
+        return list(zip(means, mins))
 
 
 def _prompt_len(collator: DeepSeekOCRDataCollator, record) -> int:

@@ -11,7 +11,10 @@ line ``id``), e.g. the base model, the LoRA checkpoint and a peer engine::
 ``report.md`` holds: a corpus metrics table (one column per run), error kinds per run, top confusion
 pairs per run, and for each run after the first the lines that got better and worse against the first
 run (normalised CER change). The plots sit beside it: ``cer_hist.png``, ``cer_by_length.png``,
-``error_kinds.png``, ``confusion_pairs.png``.
+``error_kinds.png``, ``confusion_pairs.png`` and, when the per-line dicts carry ``confidence_mean`` (the
+mean token probability of the greedy answer, ``dsocr.generation.generate_batched``), ``reliability.png``:
+line accuracy per confidence bin against the diagonal of a perfectly calibrated model, with the table and
+the expected calibration error (ECE) in ``report.md``.
 
 Plots are drawn with matplotlib's object API on the Agg canvas (no pyplot, so no global backend switch
 and no display needed). Chinese labels need a CJK font: :func:`find_cjk_font` looks for Noto Sans CJK
@@ -24,6 +27,7 @@ import functools
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import warnings
 from pathlib import Path
@@ -69,6 +73,10 @@ LENGTH_BINS = (
 # Per-line CER histogram: 0.1-wide bins up to 2; larger values (loops) are clipped into the last bin.
 HIST_MAX = 2.0
 HIST_BINS = 20
+
+# Reliability: equal-width bins of the greedy answer's mean token probability over [0, 1]; the last bin
+# is closed (a confidence of exactly 1.0 lands in it).
+RELIABILITY_BINS = 10
 
 # Fonts tried in order; Noto Sans CJK SC first (Debian fonts-noto-cjk, simplified-Chinese glyph forms).
 CJK_FONT_PREFERENCE = (
@@ -242,6 +250,74 @@ def _plot_confusions(names, corpora, path: Path, top: int) -> Path:
     return _save(fig, path)
 
 
+def reliability_bins(lines: list[dict], n_bins: int = RELIABILITY_BINS) -> tuple[list[dict], float | None]:
+    """Line accuracy per confidence bin, and the expected calibration error.
+
+    Args:
+        lines: Per-line dicts with ``confidence_mean`` (None or missing lines are left out) and ``exact_norm``.
+        n_bins: Equal-width bins over [0, 1].
+
+    Returns:
+        ``(bins, ece)``: one ``{"lo", "hi", "n", "confidence", "accuracy"}`` per bin (``confidence`` and
+        ``accuracy`` None for an empty bin), and ECE = sum over bins of (n / N) * |accuracy - confidence|
+        (None when no line has a confidence). Accuracy is the normalised exact-match rate, the report's
+        "line accuracy norm".
+    """
+    scored = [(float(pl["confidence_mean"]), bool(pl["exact_norm"])) for pl in lines
+              if pl.get("confidence_mean") is not None]
+    bins = []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        sel = [(c, ok) for c, ok in scored if lo <= c < hi or (b == n_bins - 1 and c == hi)]
+        bins.append({"lo": lo, "hi": hi, "n": len(sel),
+                     "confidence": statistics.fmean(c for c, _ in sel) if sel else None,
+                     "accuracy": sum(ok for _, ok in sel) / len(sel) if sel else None})
+    if not scored:
+        return bins, None
+    ece = sum(b["n"] / len(scored) * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"])
+    return bins, ece
+
+
+def _plot_reliability(names, lines_by_run, path: Path) -> Path:
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    for name, lines in zip(names, lines_by_run, strict=True):
+        bins, ece = reliability_bins(lines)
+        if ece is None:  # a peer engine: no token probabilities
+            continue
+        full = [b for b in bins if b["n"]]
+        ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], marker="o",
+                label=f"{name} (ECE {ece:.3f})")
+        for b in full:  # line counts beside the points: a bin of 2 lines says little
+            ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("confidence: mean token probability of the greedy answer (bin mean)")
+    ax.set_ylabel("line accuracy (normalised exact match)")
+    ax.set_title("Reliability: confidence vs line accuracy")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def _reliability_section(names, lines_by_run) -> list[str]:
+    md = ["## Reliability (confidence vs line accuracy)", "",
+          "Confidence = mean token probability of the greedy answer (EOS included); lines binned by it. A "
+          "calibrated model's line accuracy equals its confidence in each bin; ECE weighs the gaps by bin size.",
+          ""]
+    for name, lines in zip(names, lines_by_run, strict=True):
+        bins, ece = reliability_bins(lines)
+        if ece is None:
+            md += [f"**{name}**: no confidences (not a model of this pipeline).", ""]
+            continue
+        rows = [[f"{b['lo']:.1f}–{b['hi']:.1f}", str(b["n"]), _fmt(b["confidence"], ".3f"), _fmt(b["accuracy"], ".3f")]
+                for b in bins if b["n"]]
+        md += [f"**{name}** (ECE {ece:.4f}):", ""] + _table(["confidence bin", "lines", "mean confidence",
+                                                              "line accuracy"], rows) + [""]
+    return md
+
+
 # --------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------
@@ -347,6 +423,9 @@ def write_comparison_report(
             "Error kinds": _plot_error_kinds(names, corpora, out / "error_kinds.png"),
             "Confusion pairs": _plot_confusions(names, corpora, out / "confusion_pairs.png", top_confusions),
         }
+        with_confidence = any(pl.get("confidence_mean") is not None for lines in lines_by_run for pl in lines)
+        if with_confidence:
+            plots["Reliability"] = _plot_reliability(names, lines_by_run, out / "reliability.png")
 
     md = ["# OCR comparison report", ""]
     md += [f"Runs: {', '.join(f'**{n}**' for n in names)}; {len(lines_by_run[0])} lines each.", ""]
@@ -391,6 +470,9 @@ def write_comparison_report(
         md += ["## What got better and what got worse", ""]
         for name, lines in zip(names[1:], lines_by_run[1:], strict=True):
             md += _changes_section(names[0], lines_by_run[0], name, lines, n_examples)
+
+    if with_confidence:
+        md += _reliability_section(names, lines_by_run)
 
     md += ["## Plots", ""]
     for title, path in plots.items():

@@ -13,7 +13,8 @@ scored on the same lines: data and eval settings come from ``--config`` or else 
 
 Writes per model ``<out>/<name>/metrics.json`` (CER raw and normalised, line accuracy, NED, S/D/I,
 per-line CER mean/median, error kinds, confusion pairs, counts, speed) and ``predictions.jsonl``
-(id, reference, hypothesis, edits, error kinds), and with several models ``<out>/report.md`` + PNGs.
+(id, reference, hypothesis, edits, error kinds, confidence_mean/confidence_min: the mean and minimum
+probability of the greedy answer's tokens), and with several models ``<out>/report.md`` + PNGs.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def score_and_write(name: str, preds: list[dict], cfg, out_dir: Path, extra: dic
         line["id"] = p["id"]
         if "new_tokens" in p:
             line["new_tokens"] = p["new_tokens"]
+        for key in ("confidence_mean", "confidence_min"):  # the greedy answer's token probabilities
+            if key in p:
+                line[key] = p[key]
     corpus.update(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=2), encoding="utf-8")

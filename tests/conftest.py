@@ -69,3 +69,33 @@ def tiny_cfg(tmp_path, demo_data, tiny_model_dirs):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_v1_run(tmp_path_factory, demo_data, tiny_model_dirs) -> Path:
+    """A tiny v1 LoRA run that has learnt 8 training lines (60 steps), for the export/predict/app tests.
+
+    Evaluated once, at the end, on 4 validation lines so that its trainer_state.json carries metrics; the
+    runs' folder holds checkpoint-60 and final.
+    """
+    from dsocr.config import load_config
+    from train import train_lora
+
+    run = tmp_path_factory.mktemp("trained_v1") / "run"
+    cfg = load_config(TINY_CONFIG["deepseek_ocr_v1"], [
+        f"model.name_or_path={tiny_model_dirs('deepseek_ocr_v1')}", f"data.dataset={demo_data}", f"output_dir={run}",
+        "training.report_to=[]", "data.max_train_samples=8", "data.max_eval_samples=4", "eval.train_cer_samples=4",
+        "eval.max_new_tokens=12", "training.max_steps=60", "training.warmup_steps=5", "training.learning_rate=3e-3",
+        "training.eval_steps=60", "training.save_steps=60", "training.logging_steps=20", "lora.alpha=32"])
+    train_lora.main(cfg)
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported_v1(tmp_path_factory, trained_v1_run) -> Path:
+    """``infer/export.py --dtype float32`` of the trained tiny v1's checkpoint-60."""
+    from infer import export
+
+    out = tmp_path_factory.mktemp("exports") / "v1_f32"
+    export.main(["--ckpt", str(trained_v1_run / "checkpoint-60"), "--out", str(out), "--dtype", "float32"])
+    return out
