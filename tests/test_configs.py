@@ -33,7 +33,8 @@ def test_seed_recipe_values():
         t = cfg.training
         assert (cfg.lora.r, cfg.lora.alpha) == (16, 16)
         assert list(cfg.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 4, 1e-4)
+        # The seed's effective batch 8 (2 x 4) as 8 x 1: the same update (tests/test_grad_accumulation.py).
+        assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (8, 1, 1e-4)
         assert (t.warmup_steps, t.max_steps, t.save_steps, t.save_total_limit, t.eval_steps, t.logging_steps) == (200, 5000, 500, 3, 500, 50)
         assert t.bf16 is True and cfg.data.dataset == "priyank-m/chinese_text_recognition"
         assert cfg.collator.image_mode == "gundam"

@@ -147,6 +147,8 @@ def main(cfg: RunConfig) -> dict:
 
 
 if __name__ == "__main__":
+    run_cfg = parse_cli()  # a bad key or value exits here, before torch or datasets are imported
+
     from data.images import BadRecordError
     from data.loader import DataSourceError
     from dsocr.checkpointing import EXIT_INTERRUPTED
@@ -154,7 +156,7 @@ if __name__ == "__main__":
     from dsocr.config import ConfigError
 
     try:
-        result = main(parse_cli())
+        result = main(run_cfg)
     except (ConfigError, CheckpointError, DataSourceError, BadRecordError) as e:  # a message, not a traceback
         raise SystemExit(f"error: {e}") from None
     sys.exit(EXIT_INTERRUPTED if "interrupted_by" in result else 0)

@@ -63,6 +63,45 @@ def _rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return table[coords[:, None] - coords[None, :] + (size - 1)]
 
 
+def _attention_with_folded_bias(q, k, v, rel_h, rel_w) -> torch.Tensor:
+    """``softmax(q·kᵀ/√d + bias) v`` with SAM's decomposed bias folded into the dot product, never materialised.
+
+    ``bias[q, k] = rel_h[q, kh] + rel_w[q, kw]`` is a dot product of ``A[q] = [rel_h[q, :], rel_w[q, :]]``
+    with a one-hot code of the key's row and column, ``E[k] = onehot(kh) ⊕ onehot(kw)``. Appending ``A·√d``
+    to the queries and ``E`` to the keys, with the scale fixed at ``1/√d``, gives exactly the biased scores,
+    so the fused SDPA kernels (flash / memory-efficient) run with no ``[B, heads, HW, HW]`` bias tensor: at
+    Gundam batch 64 that bias is 25 GB in bf16 per global block, written and read at every forward. The extra
+    head width (h + w) costs far less than that traffic; ``√d`` is a power of two for SAM-B (d = 64), so the
+    scaled ``A`` is exact in bf16.
+
+    Args:
+        q: Queries ``[B, heads, h*w, d]``.
+        k: Keys, same shape.
+        v: Values, same shape.
+        rel_h: The height term ``[B*heads, h, w, h]``.
+        rel_w: The width term ``[B*heads, h, w, w]``.
+    """
+    b, nh, n, d = q.shape
+    h, w = rel_h.shape[1], rel_h.shape[2]
+    extra = h + w
+    pad = (-(d + extra)) % 8  # fused kernels want head widths that are multiples of 8
+    scale = d**-0.5
+    a = torch.cat([rel_h, rel_w], dim=-1).reshape(b, nh, n, extra) * (1.0 / scale)
+    rows = torch.arange(n, device=q.device) // w
+    cols = torch.arange(n, device=q.device) % w
+    code = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(k.dtype)  # [n, h + w]
+    parts_q, parts_k = [q, a.to(q.dtype)], [k, code.expand(b, nh, n, extra)]
+    if pad:
+        parts_q.append(q.new_zeros(b, nh, n, pad))
+        parts_k.append(k.new_zeros(b, nh, n, pad))
+    q2, k2 = torch.cat(parts_q, dim=-1), torch.cat(parts_k, dim=-1)
+    if q.is_cuda:
+        # Flash attention wants value as wide as query and key: pad with zeros, slice the output back.
+        v2 = torch.cat([v, v.new_zeros(b, nh, n, q2.shape[-1] - d)], dim=-1)
+        return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
+    return F.scaled_dot_product_attention(q2, k2, v, scale=scale)
+
+
 class SamAttention(nn.Module):
     """Multi-head attention with decomposed relative positions (height and width), as in SAM / MViTv2."""
 
@@ -75,6 +114,8 @@ class SamAttention(nn.Module):
         # The checkpoint stores 2*14-1 = 27 offsets for windowed blocks, 2*64-1 = 127 for global ones.
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
+        # True: the reference formulation with the [B, heads, HW, HW] bias materialised (for tests).
+        self.materialize_bias = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend within each ``[B, H, W, C]`` map (a window or the whole grid)."""
@@ -85,8 +126,11 @@ class SamAttention(nn.Module):
         rq = q.reshape(b * self.num_heads, h, w, self.head_dim)
         rel_h = torch.einsum("bhwc,hkc->bhwk", rq, _rel_pos_table(h, self.rel_pos_h))
         rel_w = torch.einsum("bhwc,wkc->bhwk", rq, _rel_pos_table(w, self.rel_pos_w))
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.materialize_bias:
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            out = _attention_with_folded_bias(q, k, v, rel_h, rel_w)
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj(out)
 
