@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from dsocr.metrics import NormalizeConfig
-from eval import peers
+from dsocr import peers
 
 NORM = NormalizeConfig()
 
