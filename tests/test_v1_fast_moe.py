@@ -68,7 +68,7 @@ def _run(moe, x, impl: str):
         p.grad = None
     x = x.detach().clone().requires_grad_(True)
     y = moe(x)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).reshape(y.shape)).sum().backward()
     grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad and p.grad is not None}
     return y.detach(), x.grad.clone(), grads
 
@@ -194,14 +194,11 @@ def test_whole_model_loss_and_grads_equal():
     _assert_same_grads(g_grp, g_loop, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.gpu
-def test_grouped_equals_loop_bf16_cuda():
-    """The GPU recipe's path: bf16 weights on CUDA, where the grouped GEMM kernel (not the CPU one) runs."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    model = _lora_model(n_experts=8, r=16).to("cuda", torch.bfloat16)  # the recipe's rank: widths % 8 == 0
+def _grouped_equals_loop_bf16(device: str):
+    """Grouped vs loop experts with bf16 weights on ``device``, where the grouped GEMM kernel runs."""
+    model = _lora_model(n_experts=8, r=16).to(device, torch.bfloat16)  # the recipe's rank: widths % 8 == 0
     moe = _moe(model)
-    x = torch.randn(4, 64, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 64, model.config.hidden_size, device=device, dtype=torch.bfloat16)
     assert grouped_experts._grouped_kernel_fits(x, [model.config.hidden_size, model.config.moe_intermediate_size, 16])
     # bf16 has an 8-bit mantissa and the two paths sum in different orders: compare at bf16 resolution,
     # relative to each tensor's scale.
@@ -212,12 +209,26 @@ def test_grouped_equals_loop_bf16_cuda():
     for name, g in g_loop.items():
         s = g.float().abs().max().clamp_min(1e-12)
         torch.testing.assert_close(g_grp[name].float() / s, g.float() / s, atol=3e-2, rtol=0, msg=name)
-    ids = torch.randint(3, 1000, (2, 48), device="cuda")
+    ids = torch.randint(3, 1000, (2, 48), device=device)
     labels = ids.clone()
     labels[:, :8] = -100
     loss_loop, _ = _whole_model_grads(model, "loop", ids, labels)
     loss_grp, _ = _whole_model_grads(model, "grouped", ids, labels)
     torch.testing.assert_close(loss_grp.float(), loss_loop.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_grouped_equals_loop_bf16_cpu():
+    """The same comparison on the CPU kernel (bf16 on CPU is slow: minutes), so the GPU test's code runs here."""
+    _grouped_equals_loop_bf16("cpu")
+
+
+@pytest.mark.gpu
+def test_grouped_equals_loop_bf16_cuda():
+    """The GPU recipe's path: bf16 weights on CUDA, where the grouped GEMM kernel (not the CPU one) runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _grouped_equals_loop_bf16("cuda")
 
 
 def test_config_rejects_unknown_moe_implementation():
