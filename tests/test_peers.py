@@ -9,8 +9,8 @@ import sys
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from dsocr.metrics import NormalizeConfig
 from dsocr import peers
+from dsocr.metrics import NormalizeConfig
 
 NORM = NormalizeConfig()
 
