@@ -162,7 +162,9 @@ def preserved_rng() -> Iterator[None]:
     not, and with ``eval_strategy: no`` vs ``steps`` the adapters would differ for no reason.
     """
     py, npy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    # This process's current device only: with one process per GPU, *_all would create a CUDA context on
+    # every visible GPU in every rank (and none but its own is used).
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         yield
     finally:
@@ -170,7 +172,7 @@ def preserved_rng() -> Iterator[None]:
         np.random.set_state(npy)
         torch.random.set_rng_state(cpu)
         if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+            torch.cuda.set_rng_state(cuda)
 
 
 # ------------------------------------------------------------------ signals

@@ -2,9 +2,12 @@
 
 A run folder (``output_dir``) holds ``run_config.yaml``, ``checkpoint-N/`` folders written atomically by the
 trainer (``dsocr/checkpointing.py``) and, once training finished, ``final/``. A checkpoint folder holds the
-LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the resolved ``run_config.yaml`` and,
-for ``checkpoint-N``, what an exact resume needs: ``trainer_state.json``, ``optimizer.pt``,
-``scheduler.pt``, ``rng_state*.pth``.
+weights: a LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) or, for full fine-tuning
+(``finetune.method: full``), the whole model (``config.json`` + ``model*.safetensors``); the resolved
+``run_config.yaml``; and, for ``checkpoint-N``, what an exact resume needs: ``trainer_state.json``, the
+optimizer and scheduler (``optimizer.pt`` + ``scheduler.pt``, or DeepSpeed's ``latest`` + ``global_stepN/``
+with one optimizer shard per rank), one RNG file per rank (``rng_state.pth`` in a one-process run,
+``rng_state_R.pth`` for rank R otherwise) and ``launch.json`` (world size, global batch, DeepSpeed stage).
 
 Everything here only reads the file system: it is used before any model loads, so a wrong ``--ckpt`` or
 ``resume_from_checkpoint`` fails in a second with the path and the fix.
@@ -24,7 +27,9 @@ log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # full fine-tuning (one file or shards)
 TRAINER_STATE = "trainer_state.json"
+LAUNCH_FILE = "launch.json"  # how the run that saved the checkpoint was launched (world size, global batch)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"  # .tmp-checkpoint-N: a save in progress (or interrupted)
 TRASH_PREFIX = ".trash-"  # .trash-checkpoint-N: a rotated checkpoint being deleted
@@ -44,15 +49,61 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def rng_state_name(rank: int, world_size: int) -> str:
+    """The RNG file of ``rank``: ``rng_state.pth`` in a one-process run, ``rng_state_R.pth`` otherwise (as HF)."""
+    return "rng_state.pth" if world_size <= 1 else f"rng_state_{rank}.pth"
+
+
+def checkpoint_kind(path: str | Path) -> str | None:
+    """``lora`` (an adapter folder), ``full`` (a whole model) or None (neither)."""
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return "lora"
+    if (path / "config.json").is_file() and any((path / w).is_file() for w in FULL_WEIGHTS):
+        return "full"
+    return None
+
+
+def deepspeed_step_dir(path: str | Path) -> Path | None:
+    """The ``global_stepN`` folder a DeepSpeed checkpoint's ``latest`` file names (None: not DeepSpeed)."""
+    path = Path(path)
+    if not (path / "latest").is_file():
+        return None
+    return path / (path / "latest").read_text().strip()
+
+
+def launch_info(path: str | Path) -> dict:
+    """``launch.json`` of a checkpoint; for older ones, the world size told by the RNG files."""
+    path = Path(path)
+    if (path / LAUNCH_FILE).is_file():
+        return json.loads((path / LAUNCH_FILE).read_text())
+    per_rank = list(path.glob("rng_state_*.pth"))
+    return {"world_size": len(per_rank) if per_rank else 1}
+
+
 def is_complete_checkpoint(path: Path) -> tuple[bool, str]:
     """Whether a checkpoint has everything an exact resume needs; if not, which files are missing."""
     path = Path(path)
-    needed = [ADAPTER_CONFIG, TRAINER_STATE, "optimizer.pt", "scheduler.pt", CONFIG_FILE_NAME]
-    missing = [n for n in needed if not (path / n).is_file()]
-    if not any((path / w).is_file() for w in ADAPTER_WEIGHTS):
-        missing.append(ADAPTER_WEIGHTS[0])
-    if not any(path.glob("rng_state*.pth")):  # without it dropout & co. restart from another RNG state
-        missing.append("rng_state.pth")
+    missing = [n for n in (TRAINER_STATE, CONFIG_FILE_NAME) if not (path / n).is_file()]
+    if (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():  # full fine-tuning
+        if not any((path / w).is_file() for w in FULL_WEIGHTS):
+            missing.append(FULL_WEIGHTS[0])
+    else:
+        if not (path / ADAPTER_CONFIG).is_file():
+            missing.append(ADAPTER_CONFIG)
+        if not any((path / w).is_file() for w in ADAPTER_WEIGHTS):
+            missing.append(ADAPTER_WEIGHTS[0])
+    world = int(launch_info(path).get("world_size", 1))
+    step_dir = deepspeed_step_dir(path)
+    if step_dir is not None:
+        # DeepSpeed: optimizer (and scheduler) state in global_stepN/, one ZeRO shard per rank.
+        shards = list(step_dir.glob("*optim_states.pt")) if step_dir.is_dir() else []
+        if len(shards) < world:
+            missing.append(f"{step_dir.name}/*optim_states.pt ({len(shards)} of {world} ranks)")
+    else:
+        missing += [n for n in ("optimizer.pt", "scheduler.pt") if not (path / n).is_file()]
+    # Without them dropout & co. restart from another RNG state; one per rank.
+    missing += [n for n in (rng_state_name(r, world) for r in range(world)) if not (path / n).is_file()]
     return (not missing, ", ".join(missing))
 
 
@@ -97,7 +148,8 @@ def _newest_complete(output_dir: str | Path) -> Path | None:
     return None
 
 
-def plan_resume(resume: str | None, output_dir: str | Path, max_steps: int | None = None) -> ResumePlan:
+def plan_resume(resume: str | None, output_dir: str | Path, max_steps: int | None = None,
+                launch: dict | None = None) -> ResumePlan:
     """Resolve ``resume_from_checkpoint`` against the run folder; raise ``CheckpointError`` if it cannot be met.
 
     Args:
@@ -108,6 +160,8 @@ def plan_resume(resume: str | None, output_dir: str | Path, max_steps: int | Non
         max_steps: The run's ``training.max_steps`` (> 0): a checkpoint at or past it means the run has
             finished, and resuming it must train nothing (HF would train one more step and overwrite
             ``final/``).
+        launch: This run's ``launch.json`` values (``world_size``, ``global_batch``, ``deepspeed``): a
+            checkpoint of another launch is checked against it (``check_launch``).
     """
     if resume is None:
         return ResumePlan(None, False, "resume_from_checkpoint=null: fresh run")
@@ -132,25 +186,67 @@ def plan_resume(resume: str | None, output_dir: str | Path, max_steps: int | Non
                 "complete checkpoint-N folder, or use resume_from_checkpoint=latest to pick the newest complete one."
             )
     step = checkpoint_step(path)
+    note = check_launch(path, launch) if launch else ""
     if max_steps is not None and max_steps > 0 and step >= max_steps:
         return ResumePlan(str(path), True, f"resume_from_checkpoint={resume} -> {path}: it is at step {step}, "
                                            f"max_steps is {max_steps}: the run has finished, nothing to train")
-    return ResumePlan(str(path), False, f"resume_from_checkpoint={resume} -> {path} (step {step})")
+    return ResumePlan(str(path), False, f"resume_from_checkpoint={resume} -> {path} (step {step}){note}")
+
+
+def check_launch(path: Path, launch: dict) -> str:
+    """Whether a checkpoint saved by one launch can resume in another; raise ``CheckpointError`` if not.
+
+    Same world size: an exact resume (every rank gets its own RNG file back). Another world size:
+
+    * DeepSpeed checkpoints are refused: ZeRO keeps one optimizer shard per rank, laid out for that
+      world size (DeepSpeed's universal checkpoints convert them; not wired here).
+    * Otherwise (one process or DDP: full optimizer state in ``optimizer.pt``) the resume is allowed
+      when the global batch (per device x accumulation x ranks) is unchanged: every optimizer step then
+      covers the same lines as before (rank r takes the r-th per-device slice of each global batch) and
+      the schedule is the same. It is not bit for bit: ranks without an RNG file start fresh streams
+      and the gradient sums are added in another order. A different global batch is refused.
+
+    Returns a note for the log ("" when nothing differs).
+    """
+    saved = launch_info(path)
+    world, saved_world = int(launch.get("world_size", 1)), int(saved.get("world_size", 1))
+    if world == saved_world:
+        return ""
+    what = f"{path} was saved by a run of {saved_world} process(es), this one has {world}"
+    if saved.get("deepspeed"):
+        raise CheckpointError(
+            f"{what}, and it is a DeepSpeed ZeRO checkpoint (optimizer state split into {saved_world} per-rank "
+            f"shards). To fix: resume with {saved_world} processes, or start fresh from its weights "
+            f"(model.name_or_path={path} for a full fine-tune) with resume_from_checkpoint=null."
+        )
+    saved_batch, batch = saved.get("global_batch"), launch.get("global_batch")
+    if saved_batch is not None and batch is not None and int(saved_batch) != int(batch):
+        raise CheckpointError(
+            f"{what}, and the global batch changed from {saved_batch} to {batch} (per_device_train_batch_size x "
+            "gradient_accumulation_steps x processes): the learning-rate schedule and the lines of each step "
+            f"would no longer match the saved run. To fix: set training.gradient_accumulation_steps (or "
+            f"per_device_train_batch_size) so that the global batch is {saved_batch} again, or resume with "
+            f"{saved_world} processes."
+        )
+    return (f"; launched with {world} process(es) instead of {saved_world}: same global batch, so every step "
+            "covers the same lines, but not bit for bit (new ranks start fresh RNG streams, gradients are "
+            "summed in another order)")
 
 
 # ------------------------------------------------------------------ diagnosing --ckpt
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """A pipeline checkpoint: a folder with a LoRA adapter and the run config beside it."""
+    """A pipeline checkpoint: a folder with a LoRA adapter or a full model, and the run config beside it."""
     path = Path(path)
-    return (path / ADAPTER_CONFIG).is_file() and (path / CONFIG_FILE_NAME).is_file()
+    return checkpoint_kind(path) is not None and (path / CONFIG_FILE_NAME).is_file()
 
 
 def _usable_siblings(run_dir: Path) -> str:
     """The checkpoints of a run folder that hold adapter + weights + config, newest first, for hints."""
     found = [p for p in run_dir.glob("*") if p.is_dir() and (p.name == "final" or CHECKPOINT_RE.fullmatch(p.name))
-             and is_checkpoint(p) and any((p / w).is_file() for w in ADAPTER_WEIGHTS)]
+             and is_checkpoint(p)
+             and any((p / w).is_file() for w in (*ADAPTER_WEIGHTS, *FULL_WEIGHTS))]
     found.sort(key=lambda p: (p.name != "final", -int(p.name.split("-")[1]) if p.name != "final" else 0))
     return ", ".join(str(p) for p in found) or f"none in {str(run_dir)!r} yet"
 

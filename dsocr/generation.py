@@ -25,22 +25,43 @@ def corpus_nll(model, collator: DeepSeekOCRDataCollator, records: Sequence, batc
     the batch's target count turns HF's mean into sum / count, which we multiply back), so the result
     does not depend on batch size or padding — averaging per-batch means would.
     """
+    sums = batch_nll_sums(model, collator, records, batch_size, device, progress=progress)
+    return sum_batches(sums)
+
+
+@torch.no_grad()
+def batch_nll_sums(model, collator: DeepSeekOCRDataCollator, records: Sequence, batch_size: int,
+                   device: torch.device, shard: tuple[int, int] = (0, 1),
+                   progress: bool = False) -> dict[int, tuple[float, int]]:
+    """``{batch number: (NLL sum, target tokens)}`` for the batches of ``records`` that this shard owns.
+
+    Batches are the consecutive ``batch_size`` slices of ``records``, so they are the same whatever the
+    shard; shard ``(rank, world)`` computes batches ``rank, rank + world, ...``. Merging every shard's
+    dict and summing in batch order (``sum_batches``) gives the single-process total bit for bit.
+    """
+    rank, world = shard
     was_training = model.training
     model.eval()
     dtype = model_dtype(model)  # no autocast here: pixels must match the weights (bf16 on the GPU)
-    total, tokens = 0.0, 0
-    sums = []
-    for start in tqdm(range(0, len(records), batch_size), desc="nll", disable=not progress):
+    numbers = list(range(0, (len(records) + batch_size - 1) // batch_size))[rank::world]
+    sums, counts = [], []
+    for b in tqdm(numbers, desc="nll", disable=not progress):
+        start = b * batch_size
         batch = collator(list(records[start:start + batch_size]))
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         batch = batch_to(batch, device, dtype)
         out = model(**batch, use_cache=False, num_items_in_batch=torch.tensor(n, device=device))
         sums.append(out.loss.detach().float() * n)  # kept on device: one sync at the end
-        tokens += n
-    if sums:
-        total = float(torch.stack(sums).sum())
+        counts.append(n)
     model.train(was_training)
-    return total, tokens
+    values = torch.stack(sums).tolist() if sums else []
+    return {b: (v, n) for b, v, n in zip(numbers, values, counts)}
+
+
+def sum_batches(sums: dict[int, tuple[float, int]]) -> tuple[float, int]:
+    """``(total NLL, target tokens)`` of ``batch_nll_sums`` results, summed in batch order (float64)."""
+    total = float(torch.tensor([sums[b][0] for b in sorted(sums)], dtype=torch.float64).sum()) if sums else 0.0
+    return total, sum(n for _, n in sums.values())
 
 
 @dataclass
@@ -82,7 +103,7 @@ def decode_continuations(tokenizer, sequences: torch.Tensor, prompt_width: int) 
 
 @torch.no_grad()
 def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence, settings: GenerationSettings,
-                     device: torch.device, progress: bool = True) -> list[dict]:
+                     device: torch.device, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Greedy transcription of ``records`` in left-padded batches with a KV cache.
 
     Records are sorted by prompt length (image-slot count varies with the image) so batches carry little
@@ -92,7 +113,9 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
         One dict per record: ``id``, ``reference``, ``hypothesis``, ``new_tokens``, and the confidence of the
         greedy answer: ``confidence_mean`` / ``confidence_min``, the mean and minimum probability of the
         chosen tokens, EOS included (the stop decision is part of the answer), pads after it excluded;
-        ``None`` when nothing was generated. See ``GreedyTokenLogProbs``.
+        ``None`` when nothing was generated. See ``GreedyTokenLogProbs``. With ``shard=(rank, world)`` only
+        the batches ``rank, rank + world, ...`` (of the length-sorted order, so the batches are those of
+        one process) are generated; the other records' entries are ``None``.
     """
     # Skipped (bad) records were already counted and logged by the dataset; score the rest.
     records = [r for r in records if r is not None]
@@ -107,7 +130,8 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
     # Encode once to know each prompt's length; pixels are recomputed per batch (cheap next to the model).
     order = sorted(range(len(records)), key=lambda i: _prompt_len(gen_collator, records[i]))
     results: list[dict | None] = [None] * len(records)
-    for start in tqdm(range(0, len(order), settings.batch_size), desc="generate", disable=not progress):
+    starts = list(range(0, len(order), settings.batch_size))[shard[0]::shard[1]]
+    for start in tqdm(starts, desc="generate", disable=not progress):
         idx = order[start:start + settings.batch_size]
         batch, ids, refs = gen_collator.generation_batch([records[i] for i in idx])
         width = batch["input_ids"].shape[1]

@@ -17,7 +17,11 @@ Robustness (dsocr/checkpointing.py has the mechanics), by a public callback and 
 * ``_load_from_checkpoint``: HF's resume loading with PEFT's v5 key renaming switched off (it would drop
   OCR-2's adapter weights).
 * ``_StopAtStepEnd`` (a ``TrainerCallback``): a pending SIGTERM/SIGINT makes HF save the step just
-  finished and stop.
+  finished and stop. With several processes the flag is agreed at every step end (``agree_max``: an
+  all_reduce(MAX) over a CPU group, no GPU sync) before anyone saves, so a signal that reached one rank
+  stops every rank at the same step (alone, that rank would wait in the save barrier forever).
+* ``_save_rng_state`` / ``_load_rng_state``: one file per rank (``rng_state_R.pth``) holding this rank's
+  own generators only (HF stores every visible GPU's CUDA state in each rank's file and touches them all).
 * ``train``: installs the signal handlers for its duration only, and removes leftovers of killed saves.
 
 Exact resume: HF already restores adapter, optimizer, scheduler and RNG and skips the consumed batches
@@ -29,20 +33,33 @@ shuffling order never depends on the global RNG state at the moment ``train()`` 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from collator.deepseek_ocr import DeepSeekOCRDataCollator
 from dsocr.adapters import peft_v5_renaming_off
 from dsocr.checkpointing import StopOnSignal, clean_leftovers, pause_for_test, preserved_rng, publish, rotate
-from dsocr.checkpoints import TMP_PREFIX
+from dsocr.checkpoints import LAUNCH_FILE, TMP_PREFIX, rng_state_name
 from dsocr.config import RunConfig, save_config
-from dsocr.generation import GenerationSettings, corpus_nll, generate_batched, max_new_tokens_for
+from dsocr.distributed import agree_max, gather_objects, launch_record
+from dsocr.generation import (
+    GenerationSettings,
+    batch_nll_sums,
+    generate_batched,
+    max_new_tokens_for,
+    sum_batches,
+)
 from dsocr.metrics import NormalizeConfig, perplexity, score_lines
 from dsocr.speed import SpeedMeter
 
@@ -63,10 +80,16 @@ class _StopAtStepEnd(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        """Test pause point ``step:N``, then the signal check."""
+        """Test pause point ``step:N``, then the signal check, agreed over every rank."""
         pause_for_test("step", state.global_step, args.output_dir)
         signals = self.trainer._signals
-        if signals is not None and signals.received is not None:
+        received = signals.received if signals is not None and signals.received is not None else 0
+        # Every rank, every step, before anyone saves: the largest signal number any rank received (0 =
+        # none). Skipping it on the ranks without a signal is what deadlocks: the signalled rank enters
+        # the checkpoint barrier while the others enter the next step's gradient all_reduce.
+        agreed = agree_max(received)
+        if agreed:
+            self.trainer._stop_signal = agreed
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -98,6 +121,7 @@ class OCRTrainer(Trainer):
         self.stopped_by: str | None = None
         self.last_checkpoint: str | None = None
         self._signals: StopOnSignal | None = None
+        self._stop_signal = 0  # the signal number agreed over all ranks at a step end (0 = none)
 
     # ---------------------------------------------------------------- train: signals and leftovers
 
@@ -106,11 +130,14 @@ class OCRTrainer(Trainer):
         if self.args.should_save:
             clean_leftovers(self.args.output_dir)
         self.stopped_by = None
+        self._stop_signal = 0
         try:
             with StopOnSignal() as self._signals:
                 out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-            if self.state.global_step < self.state.max_steps:  # a signal at the last step changes nothing
-                self.stopped_by = self._signals.name
+            if self._stop_signal and self.state.global_step < self.state.max_steps:
+                # A signal at the last step changes nothing. The agreed number, not this rank's own: a rank
+                # that saw no signal stopped too and must exit 75 like the one that did.
+                self.stopped_by = signal.Signals(self._stop_signal).name
         finally:
             self._signals = None
         return out
@@ -159,6 +186,8 @@ class OCRTrainer(Trainer):
                     self.state.stateful_callbacks[name] = cb.state()
             self.state.save_to_json(str(tmp / "trainer_state.json"))
             save_config(self.run_cfg, tmp)  # self-describing: eval_cer.py --ckpt needs nothing else
+            # World size, global batch, ZeRO stage: what a resume on another launch is checked against.
+            (tmp / LAUNCH_FILE).write_text(json.dumps(launch_record(self.args)), encoding="utf-8")
         self.accelerator.wait_for_everyone()  # all ranks' RNG files are in before the rename
         if self.args.should_save:
             publish(tmp, final)
@@ -169,6 +198,34 @@ class OCRTrainer(Trainer):
             rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
             pause_for_test("saved", step, run_dir)  # test hook: SIGKILL here = a kill right after a save
         self.accelerator.wait_for_everyone()
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """This rank's generators only (python, numpy, torch CPU, this rank's own CUDA device)."""
+        states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        if self.args.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.args.device)
+        os.makedirs(output_dir, exist_ok=True)  # a rank may get here before rank 0 made the folder
+        torch.save(states, os.path.join(output_dir, rng_state_name(self.args.process_index, self.args.world_size)))
+
+    def _load_rng_state(self, checkpoint) -> None:
+        """Restore this rank's generators from its own file (``plan_resume`` checked the world size)."""
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, rng_state_name(self.args.process_index, self.args.world_size))
+        if not os.path.isfile(path):
+            log.warning("no RNG state %s for rank %d: dropout & co. continue from a fresh RNG state (the run "
+                        "is not bit-for-bit the uninterrupted one)", path, self.args.process_index)
+            return
+        with _numpy_globals():
+            states = torch.load(path, weights_only=True)
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if self.args.device.type == "cuda" and "cuda" in states:
+            cuda = states["cuda"]
+            if cuda.dim() == 2:  # HF's layout (every visible device): this rank's own row
+                cuda = cuda[self.args.device.index or 0]
+            torch.cuda.set_rng_state(cuda, self.args.device)
 
     def _finalize_training(self, trial, num_train_samples, start_time):
         """HF's end of training, minus its ``save_total_limit == 1`` sweep that deletes the last checkpoint."""
@@ -199,7 +256,14 @@ class OCRTrainer(Trainer):
         if getattr(self, "_eval_cache_key", None) is not dataset:
             self._eval_cache_key, self._eval_records = dataset, [dataset[i] for i in range(len(dataset))]
         records = self._eval_records
-        total, tokens = corpus_nll(self.model, collator, records, self.args.per_device_eval_batch_size, device)
+        shard = self._eval_shard()
+        # Each rank scores its share of the batches; the merged per-batch sums, added in batch order, are
+        # the single-process total bit for bit (same batches, same order of addition).
+        merged: dict = {}
+        for part in gather_objects(batch_nll_sums(self.model, collator, records, self.args.per_device_eval_batch_size,
+                                                  device, shard=shard)):
+            merged.update(part)
+        total, tokens = sum_batches(merged)
         metrics = {
             f"{metric_key_prefix}_loss": total / max(tokens, 1),
             f"{metric_key_prefix}_perplexity": perplexity(total, tokens),
@@ -214,7 +278,10 @@ class OCRTrainer(Trainer):
                 ),
                 no_repeat_ngram_size=ev.no_repeat_ngram_size,
             )
-            preds = generate_batched(self.model, collator, self.cer_records, settings, device, progress=False)
+            preds = generate_batched(self.model, collator, self.cer_records, settings, device, progress=False,
+                                     shard=shard)
+            for part in gather_objects(preds):  # every rank: its batches filled in, the others None
+                preds = [p if p is not None else q for p, q in zip(preds, part)]
             corpus, _ = score_lines(
                 [p["reference"] for p in preds], [p["hypothesis"] for p in preds],
                 prompt_phrases=(self.run_cfg.collator.instruction,), normalize_cfg=NormalizeConfig(nfkc=ev.nfkc, remove_whitespace=ev.remove_whitespace,
@@ -227,3 +294,22 @@ class OCRTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _eval_shard(self) -> tuple[int, int]:
+        """``(rank, world)`` of this process's share of the evaluation batches.
+
+        Under ZeRO-3 every forward gathers the partitioned weights collectively, so every rank must run
+        every batch in lockstep: each evaluates all of it, ``(0, 1)``. Otherwise (DDP, ZeRO-1/2: full
+        weights on every rank) the batches are split over the ranks and the results gathered.
+        """
+        world = max(self.args.world_size, 1)
+        if world > 1 and self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return (0, 1)
+        return (self.args.process_index, world)
+
+
+def _numpy_globals():
+    """``torch.load(weights_only=True)`` of a numpy RNG state needs its types allow-listed (HF's helper)."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    return safe_globals()

@@ -10,6 +10,15 @@ exits with code 75 (resume with ``resume_from_checkpoint=latest``); a second sig
 Checkpoints are written atomically, so a kill at any moment leaves the previous one usable. Resuming a run
 that already reached ``max_steps`` trains nothing and leaves ``final/`` as it is.
 
+Several processes (one per GPU; HF Trainer runs DDP, or DeepSpeed with ``training.deepspeed``), the same
+command under a launcher:
+
+    torchrun --nproc_per_node 8 train/train_lora.py --config configs/v1_lora_zh.yaml
+    accelerate launch --num_processes 8 train/train_lora.py --config configs/v1_lora_zh.yaml
+
+Rank 0 writes the log file, run config, metrics and TensorBoard; the other ranks print warnings only. A
+SIGTERM to any rank stops every rank at the same step (all save it, all exit 75).
+
 The YAML fully describes the run (dsocr/config.py documents every key); ``key=value`` refines it.
 The resolved config is saved in the run folder and in every checkpoint, so
 ``python eval/eval_cer.py --ckpt runs/x/checkpoint-500`` needs nothing else.
@@ -28,11 +37,19 @@ from dsocr.config import RunConfig, parse_cli, save_config, training_arguments
 log = logging.getLogger("train_lora")
 
 
-def setup_logging(output_dir: Path) -> None:
-    """One line per event on the console and the same in ``output_dir/train.log``."""
+def setup_logging(output_dir: Path, rank: int = 0) -> None:
+    """One line per event on the console and the same in ``output_dir/train.log`` (rank 0).
+
+    Other ranks of a multi-process run log warnings and errors only, to the console, tagged with their
+    rank: N copies of every line would bury the one that matters.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(output_dir / "train.log", encoding="utf-8")]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers, force=True)
+    if rank == 0:
+        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(output_dir / "train.log", encoding="utf-8")]
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers, force=True)
+    else:
+        logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+                            handlers=[logging.StreamHandler(sys.stdout)], force=True)
 
 
 def main(cfg: RunConfig) -> dict:
@@ -45,19 +62,26 @@ def main(cfg: RunConfig) -> dict:
     from dsocr.checkpoints import plan_resume
     from dsocr.datasets import SKIPPED_LOG, build_train_eval, skipped_counts
     from dsocr.devices import peak_memory_gib
+    from dsocr.distributed import barrier, launch_record
     from dsocr.loading import load_base
     from dsocr.trainer import OCRTrainer
 
     # ---------------------------------------------------------------- config, run folder, resume plan
     args = training_arguments(cfg)  # before any model loads: a bad training.* key fails in seconds
     output_dir = Path(cfg.output_dir)
-    setup_logging(output_dir)
-    plan = plan_resume(cfg.resume_from_checkpoint, output_dir, args.max_steps)
+    main_rank = args.process_index == 0  # (also sets up the process group of a multi-process launch)
+    setup_logging(output_dir, args.process_index)
+    launch = launch_record(args)
+    # Another world size than the checkpoint's: allowed with the same global batch (and a note), else an error.
+    plan = plan_resume(cfg.resume_from_checkpoint, output_dir, args.max_steps, launch=launch)
     log.info("run folder %s; %s", output_dir, plan.reason)
     if plan.finished:
         # A requeued job of a run that already ended: train nothing, keep final/ as it is.
-        return finish_from_checkpoint(plan.checkpoint, output_dir, cfg)
-    save_config(cfg, output_dir)
+        result = finish_from_checkpoint(plan.checkpoint, output_dir, cfg) if main_rank else {}
+        barrier()
+        return result
+    if main_rank:
+        save_config(cfg, output_dir)
 
     # ---------------------------------------------------------------- data (before the model: fail fast)
     # Opening the splits reads only metadata; a wrong path, split or column fails here, not after the
@@ -83,8 +107,8 @@ def main(cfg: RunConfig) -> dict:
     collator = loaded.make_collator(train=True)
     n_cer = min(cfg.eval.train_cer_samples, len(eval_ds))
     cer_records = [eval_ds[i] for i in range(n_cer)]  # fixed: the first rows of the eval split
-    world = max(args.world_size, 1)
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    world = launch["world_size"]
+    effective_batch = launch["global_batch"]
     example = train_ds[0]
     slots = collator.encode_record(example)["image"].num_image_tokens if example else "?"
     log.info("family %s, image mode %s: %s image tokens for the first training line", family.name, image_mode, slots)
@@ -100,7 +124,10 @@ def main(cfg: RunConfig) -> dict:
         model_loaded_at=model_loaded_at,
     )
     before = None
-    if plan.checkpoint is None and args.eval_strategy != "no":
+    if launch["deepspeed"] == 3 and plan.checkpoint is None and args.eval_strategy != "no":
+        # The ZeRO-3 engine (which gathers the partitioned weights) only exists once train() starts.
+        log.info("ZeRO-3: no evaluation before training (the weights are partitioned until train() starts)")
+    elif plan.checkpoint is None and args.eval_strategy != "no":
         # The base model's starting point; RNG-neutral, so it cannot make fresh and resumed runs differ.
         before = trainer.evaluate(metric_key_prefix="eval_before")
     start = time.perf_counter()
@@ -115,15 +142,18 @@ def main(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------- save and report
     final_dir = output_dir / "final"
-    trainer.save_model(str(final_dir))
-    save_config(cfg, final_dir)
+    trainer.save_model(str(final_dir))  # every rank (ZeRO-3 gathers the weights collectively); rank 0 writes
+    if main_rank:
+        save_config(cfg, final_dir)
     metrics = dict(train_result.metrics)
     metrics["train_wall_s"] = round(elapsed, 2)
     # HF's train_samples_per_second counts a resumed run's skipped steps too; these are the steps run here.
     speed = trainer.speed.report()
     metrics.update({f"speed_{k}": v for k, v in speed.items() if k in (
         "steps_run", "samples_run", "steady_samples_per_s", "first_step_s", "model_loaded_to_first_step_s")})
-    # Counted from the log, which every DataLoader worker appends to; distinct records per split.
+    # Counted from the log, which every DataLoader worker of every rank appends to; distinct records per
+    # split, once every rank is done writing.
+    barrier()
     skipped = skipped_counts(output_dir)
     metrics["skipped_records"] = skipped.get(cfg.data.train_split, 0)
     metrics["skipped_eval_records"] = skipped.get(cfg.data.eval_split, 0)
