@@ -598,27 +598,37 @@ class DomainGenerator:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def features():
-    """``datasets.Features`` of a tagged split: image, text and the ``tags`` struct."""
+def features(with_id: bool = False):
+    """``datasets.Features`` of a tagged split: (``id``,) image, text and the ``tags`` struct."""
     import datasets
 
-    return datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+    cols = {"id": datasets.Value("string")} if with_id else {}
+    return datasets.Features({**cols, "image": datasets.Image(), "text": datasets.Value("string"),
                               "tags": {k: datasets.Value("string") for k in TAG_KEYS}})
 
 
-def write_parquet(path: str, lines: list[Line]) -> None:
-    """Write lines to one parquet file with the :func:`features` schema (row groups of 1,000)."""
+def write_parquet(path: str, lines: list[Line], ids: list[str] | None = None) -> None:
+    """Write lines to one parquet file with the :func:`features` schema (row groups of 1,000).
+
+    Args:
+        path: The parquet file.
+        lines: The lines, in order.
+        ids: Optional record ids (an ``id`` column, which ``data.loader`` uses instead of ``split-index``).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = features().arrow_schema
+    if ids is not None and len(ids) != len(lines):
+        raise ValueError(f"{len(ids)} ids for {len(lines)} lines")
+    schema = features(with_id=ids is not None).arrow_schema
     with pq.ParquetWriter(path, schema) as writer:
         for s in range(0, len(lines), ROW_GROUP):
             rows = lines[s : s + ROW_GROUP]
             images = pa.array([{"bytes": r.image, "path": None} for r in rows], type=schema.field("image").type)
             texts = pa.array([r.text for r in rows], type=pa.string())
             tags = pa.array([{k: r.tags[k] for k in TAG_KEYS} for r in rows], type=schema.field("tags").type)
-            writer.write_table(pa.Table.from_arrays([images, texts, tags], schema=schema))
+            cols = [images, texts, tags] if ids is None else [pa.array(ids[s : s + ROW_GROUP], pa.string()), images, texts, tags]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
 
 
 _WORKER: DomainGenerator | None = None

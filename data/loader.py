@@ -30,6 +30,9 @@ Rules:
 * ``column_map`` maps **our** names to **yours**: ``{"image": "img", "text": "label"}`` (CLI:
   ``--column-map image=img,text=label``); keys allowed: ``image``, ``text``, ``id``.
 * ``max_samples`` keeps the first N rows (debugging).
+* A parquet/hub ``tags`` column (``python -m data.domains`` / ``data.hardset`` write one: a struct of
+  ``domain``, ``level``, ``degradations``, ``length`` strings) is kept as a fourth column; evaluation
+  reports metrics per tag value from it. Sources without it load as before.
 * Whole-source problems (unknown split, missing source, a parquet/hub split lacking a column) always raise
   :class:`DataSourceError`. Per-line structural problems (a manifest/metadata line that is not a JSON
   object (``bad_json``) or lacks a key (``missing_column``), a non-string label (``label_not_string``), an
@@ -53,6 +56,7 @@ from typing import Any
 import datasets
 
 OUR_COLUMNS = ("image", "text")
+TAGS = "tags"  # optional per-line tags column (data.domains, data.hardset), kept when present
 MAPPABLE = ("image", "text", "id")
 MANIFEST_SUFFIX = ".jsonl"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -335,6 +339,7 @@ def _load_hf(
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     keep = [cmap["image"], cmap["text"]] + ([cmap["id"]] if cmap["id"] in cols else [])
+    keep += [TAGS] if TAGS in cols and TAGS not in keep else []  # per-line tags travel with the rows
     ds = ds.select_columns(keep)
     if cmap["image"] != "image":
         ds = ds.rename_column(cmap["image"], "image")
@@ -372,7 +377,7 @@ def _load_hf(
     elif isinstance(ds.features["image"], datasets.Image):
         # Metadata-only change: rows become {"bytes", "path"} dicts, decoded later one at a time.
         ds = ds.cast_column("image", datasets.Image(decode=False))
-    return ds.select_columns(["id", "image", "text"])
+    return ds.select_columns(["id", "image", "text"] + ([TAGS] if TAGS in ds.column_names else []))
 
 
 def load_split(
