@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from data.convert import ConversationDataset, count_skipped
-from data.loader import load_split
+from data.loader import TAGS, load_split
 from dsocr.config import RunConfig, image_limits
 
 log = logging.getLogger(__name__)
@@ -61,3 +61,17 @@ def load_eval_records(cfg: RunConfig, instruction: str | None = None) -> list[di
         log.warning("%d bad records skipped (data.on_bad_record=skip): %s", len(records) - len(kept),
                     conv.skipped_reasons)
     return kept
+
+
+def load_eval_tags(cfg: RunConfig) -> dict[str, dict] | None:
+    """Per-line tags of ``cfg.eval.split`` by record id, or None when the dataset has no ``tags`` column.
+
+    Tagged datasets come from ``python -m data.domains`` and ``python -m data.hardset``; images are not
+    decoded here (the column is read on its own).
+    """
+    d = cfg.data
+    rows = load_split(d.dataset, cfg.eval.split, column_map=dict(d.column_map), image_root=d.image_root,
+                      max_samples=cfg.eval.max_samples, allow_paths_outside_root=d.allow_paths_outside_root)
+    if TAGS not in rows.column_names:
+        return None
+    return dict(zip(rows["id"], rows[TAGS], strict=True))

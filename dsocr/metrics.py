@@ -503,6 +503,73 @@ def score_lines(
 
 
 # --------------------------------------------------------------------------------------------------------
+# Metrics per tag (domain, level, degradation, length bucket)
+# --------------------------------------------------------------------------------------------------------
+
+# Tag keys in report order; ``degradations`` is a "+"-joined list: a line counts under each of its ops.
+TAG_KEYS = ("domain", "level", "degradations", "length")
+MULTI_VALUED_TAGS = {"degradations": "+"}
+# Values with a natural order (levels, length buckets) come in that order; others alphabetically.
+TAG_VALUE_ORDER = ("clean", "mild", "medium", "hard", "1-5", "6-10", "11-15", "16-20", "21+", "none")
+
+
+def _tag_values(key: str, value) -> list[str]:
+    if value is None:
+        return []
+    sep = MULTI_VALUED_TAGS.get(key)
+    return [v for v in str(value).split(sep) if v] if sep else [str(value)]
+
+
+def _order(value: str) -> tuple[int, str]:
+    return (TAG_VALUE_ORDER.index(value), "") if value in TAG_VALUE_ORDER else (len(TAG_VALUE_ORDER), value)
+
+
+def metrics_by_tag(per_line: list[dict], tags: list[dict | None]) -> dict[str, dict[str, dict]]:
+    """CER, line accuracy and error kinds of each tag value, from :func:`score_lines`' per-line dicts.
+
+    Args:
+        per_line: ``score_lines``' second result.
+        tags: One dict per line (``{"domain": "receipt", "level": "hard", "degradations": "blur+noise",
+            "length": "6-10"}``, any keys), or None for a line without tags; same order as ``per_line``.
+
+    Returns:
+        ``{tag key: {value: metrics}}``, keys in :data:`TAG_KEYS` order then any others, values in
+        :data:`TAG_VALUE_ORDER` order then alphabetically. ``metrics`` has ``n_lines``, ``ref_chars_X``,
+        ``edits_X``, ``cer_X`` (total edits over total reference characters of those lines, as the corpus
+        CER), ``line_acc_X`` (X in raw / norm), ``error_kinds`` (kind -> lines) and ``error_kind_rates``.
+        A line counts once under each of its values (several for ``degradations``).
+
+    Raises:
+        ValueError: If ``tags`` and ``per_line`` differ in length.
+    """
+    if len(tags) != len(per_line):
+        raise ValueError(f"tags and per_line differ in length: {len(tags)} vs {len(per_line)}")
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for line, t in zip(per_line, tags, strict=True):
+        for key, value in (t or {}).items():
+            for v in _tag_values(key, value):
+                groups.setdefault(key, {}).setdefault(v, []).append(line)
+    keys = [k for k in TAG_KEYS if k in groups] + sorted(k for k in groups if k not in TAG_KEYS)
+    out: dict[str, dict[str, dict]] = {}
+    for key in keys:
+        out[key] = {}
+        for value in sorted(groups[key], key=_order):
+            lines = groups[key][value]
+            n = len(lines)
+            m: dict = {"n_lines": n}
+            for k in ("raw", "norm"):
+                ref_chars = sum(len(pl["reference"].strip()) if k == "raw" else pl["ref_chars_norm"] for pl in lines)
+                edits = sum(pl[f"edits_{k}"] for pl in lines)
+                m |= {f"ref_chars_{k}": ref_chars, f"edits_{k}": edits, f"cer_{k}": edits / max(ref_chars, 1),
+                      f"line_acc_{k}": sum(pl[f"exact_{k}"] for pl in lines) / n}
+            kinds = Counter(kind for pl in lines for kind in pl["error_kinds"])
+            m["error_kinds"] = {kind: kinds[kind] for kind in ERROR_KINDS}
+            m["error_kind_rates"] = {kind: kinds[kind] / n for kind in ERROR_KINDS}
+            out[key][value] = m
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------------------
 

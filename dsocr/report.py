@@ -16,6 +16,10 @@ mean token probability of the greedy answer, ``dsocr.generation.generate_batched
 line accuracy per confidence bin against the diagonal of a perfectly calibrated model, with the table and
 the expected calibration error (ECE) in ``report.md``.
 
+When the runs' corpora carry ``by_tag`` (:func:`dsocr.metrics.metrics_by_tag`, a tagged dataset such as
+the hard set), ``report.md`` gains a "Metrics per tag" section (CER, line accuracy and the change against
+the first run per domain, level, degradation and length bucket) and ``cer_by_tag.png``.
+
 Plots are drawn with matplotlib's object API on the Agg canvas (no pyplot, so no global backend switch
 and no display needed). Chinese labels need a CJK font: :func:`find_cjk_font` looks for Noto Sans CJK
 (Debian ``fonts-noto-cjk``) and others, and falls back with a warning (glyphs then render as boxes).
@@ -250,6 +254,47 @@ def _plot_confusions(names, corpora, path: Path, top: int) -> Path:
     return _save(fig, path)
 
 
+def _tag_keys(corpora) -> list[str]:
+    """Tag keys present in every run's ``by_tag`` (runs on the same tagged lines have the same ones)."""
+    keys = [list(c.get("by_tag") or {}) for c in corpora]
+    return [k for k in keys[0] if all(k in ks for ks in keys)] if keys and all(keys) else []
+
+
+def _plot_cer_by_tag(names, corpora, keys: list[str], path: Path) -> Path:
+    fig = Figure(figsize=(11, 3.6 * len(keys)))
+    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys, strict=True):
+        values = list(corpora[0]["by_tag"][key])
+        counts = [corpora[0]["by_tag"][key][v]["n_lines"] for v in values]
+        cats = [f"{v.replace('_', ' ')}\n(n={n})" for v, n in zip(values, counts, strict=True)]
+        _grouped_bars(ax, cats, names, [[c["by_tag"][key].get(v, {}).get("cer_norm", 0.0) for v in values]
+                                        for c in corpora])
+        ax.set_ylabel("CER norm")
+        ax.set_title(f"CER by {key}")
+        ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, path)
+
+
+def _tag_section(names, corpora, keys: list[str]) -> list[str]:
+    """Per-tag tables: CER norm and line accuracy per run, and the change against the first run."""
+    md = ["## Metrics per tag", "",
+          "Lines of the tagged dataset grouped by each tag (a line counts under each of its degradations); CER "
+          "= total edits / reference characters of those lines, normalised. Δ = change against "
+          f"**{names[0]}** (negative CER Δ: better).", ""]
+    for key in keys:
+        header = [key, "lines"] + [f"CER {n}" for n in names] + [f"line acc {n}" for n in names]
+        header += [f"Δ CER {n}" for n in names[1:]]
+        rows = []
+        for value, base in corpora[0]["by_tag"][key].items():
+            ms = [c["by_tag"][key].get(value, {}) for c in corpora]
+            row = [value, str(base["n_lines"])]
+            row += [_fmt(m.get("cer_norm"), ".4f") for m in ms] + [_fmt(m.get("line_acc_norm"), ".4f") for m in ms]
+            row += [_fmt(m["cer_norm"] - base["cer_norm"], "+.4f") if "cer_norm" in m else "—" for m in ms[1:]]
+            rows.append(row)
+        md += [f"### By {key}", ""] + _table(header, rows) + [""]
+    return md
+
+
 def reliability_bins(lines: list[dict], n_bins: int = RELIABILITY_BINS) -> tuple[list[dict], float | None]:
     """Line accuracy per confidence bin, and the expected calibration error.
 
@@ -426,6 +471,9 @@ def write_comparison_report(
         with_confidence = any(pl.get("confidence_mean") is not None for lines in lines_by_run for pl in lines)
         if with_confidence:
             plots["Reliability"] = _plot_reliability(names, lines_by_run, out / "reliability.png")
+        tag_keys = _tag_keys(corpora)
+        if tag_keys:
+            plots["CER by tag"] = _plot_cer_by_tag(names, corpora, tag_keys, out / "cer_by_tag.png")
 
     md = ["# OCR comparison report", ""]
     md += [f"Runs: {', '.join(f'**{n}**' for n in names)}; {len(lines_by_run[0])} lines each.", ""]
@@ -470,6 +518,9 @@ def write_comparison_report(
         md += ["## What got better and what got worse", ""]
         for name, lines in zip(names[1:], lines_by_run[1:], strict=True):
             md += _changes_section(names[0], lines_by_run[0], name, lines, n_examples)
+
+    if tag_keys:
+        md += _tag_section(names, corpora, tag_keys)
 
     if with_confidence:
         md += _reliability_section(names, lines_by_run)

@@ -5,6 +5,10 @@ r"""Character error rate of one or several models on a split, with batched greed
     python eval/eval_cer.py --ckpt BASE --ckpt runs/x/checkpoint-500 --ckpt runs/x/final \\
         --config configs/tiny_cpu.yaml --out runs/compare                     # comparison report
     python eval/eval_cer.py --ckpt runs/x/final --peer tesseract --peer rapidocr   # + peer engines
+    python -m data.hardset --out runs/hardset                                 # the hard set (per-tag metrics)
+    python eval/eval_cer.py --ckpt runs/x/final data.dataset=runs/hardset eval.split=test eval.max_samples=null
+    python eval/eval_cer.py --peer rapidocr --peer tesseract --config configs/tiny_cpu.yaml \
+        data.dataset=runs/hardset eval.split=test --out runs/peers_hardset      # peers alone need --config
 
 A ``--ckpt`` is a LoRA checkpoint of this pipeline (its ``run_config.yaml`` says everything) or a base
 model id/folder (then ``--config`` supplies data and eval settings). With several, every model is
@@ -14,7 +18,10 @@ scored on the same lines: data and eval settings come from ``--config`` or else 
 Writes per model ``<out>/<name>/metrics.json`` (CER raw and normalised, line accuracy, NED, S/D/I,
 per-line CER mean/median, error kinds, confusion pairs, counts, speed) and ``predictions.jsonl``
 (id, reference, hypothesis, edits, error kinds, confidence_mean/confidence_min: the mean and minimum
-probability of the greedy answer's tokens), and with several models ``<out>/report.md`` + PNGs.
+probability of the greedy answer's tokens), and with several models ``<out>/report.md`` + PNGs. When the
+dataset has a ``tags`` column (``data.domains``, ``data.hardset``), ``metrics.json`` gains ``by_tag``
+(CER, line accuracy and error kinds per domain, level, degradation and length bucket), also written as
+``metrics_by_tag.json`` and printed as a table; each prediction line carries its ``tags``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ log = logging.getLogger("eval_cer")
 def parse_args(argv: list[str] | None = None):
     """``--ckpt`` (repeatable), ``--config``, ``--out``, ``--peer`` and ``key=value`` overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder or base model (repeatable)")
+    p.add_argument("--ckpt", action="append", default=[],
+                   help="checkpoint folder or base model (repeatable; may be left out when --peer is given)")
     p.add_argument("--config", help="run config for base models / shared data settings")
     p.add_argument("--out", help="output folder (default: <ckpt>/eval-<split> for one checkpoint)")
     p.add_argument("--name", action="append", help="display name per --ckpt (default: folder names)")
@@ -41,6 +49,11 @@ def parse_args(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if args.name and len(args.name) != len(args.ckpt):
         p.error(f"--name given {len(args.name)} times for {len(args.ckpt)} --ckpt")
+    if not args.ckpt and not args.peer:
+        p.error("give at least one --ckpt (or --peer ENGINE with --config to score peers alone)")
+    if not args.ckpt and not args.config:
+        p.error("--peer without --ckpt needs --config FILE for the data and eval settings, e.g. "
+                "--config configs/tiny_cpu.yaml data.dataset=runs/hardset eval.split=test")
     return args
 
 
@@ -66,14 +79,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def print_tag_table(name: str, by_tag: dict) -> None:
+    """One console block per tag key: value, lines, CER norm, line accuracy norm, most frequent error kind."""
+    for key, values in by_tag.items():
+        print(f"{name} by {key}:")
+        for value, m in values.items():
+            kinds = {k: v for k, v in m["error_kinds"].items() if v}
+            top = max(kinds, key=kinds.get) if kinds else "-"
+            print(f"  {value:<14} {m['n_lines']:>5} lines  CER {m['cer_norm']:.4f}  line acc {m['line_acc_norm']:.4f}"
+                  f"  top error kind {top}")
+
+
 def score_and_write(name: str, preds: list[dict], cfg, out_dir: Path, extra: dict,
-                    instruction: str | None = None) -> tuple[dict, list[dict]]:
+                    instruction: str | None = None, tags: dict[str, dict] | None = None) -> tuple[dict, list[dict]]:
     """Score predictions, write ``metrics.json`` + ``predictions.jsonl``; return (corpus, per-line).
 
     ``instruction`` is the prompt the model was given (a prompt echo is an error kind); default the
-    config's.
+    config's. ``tags`` (record id -> tag dict, :func:`dsocr.datasets.load_eval_tags`) adds per-tag metrics:
+    ``corpus["by_tag"]``, ``metrics_by_tag.json``, a ``tags`` field per prediction line and a console table.
     """
-    from dsocr.metrics import NormalizeConfig, score_lines
+    from dsocr.metrics import NormalizeConfig, metrics_by_tag, score_lines
 
     ev = cfg.eval
     corpus, per_line = score_lines(
@@ -90,11 +115,20 @@ def score_and_write(name: str, preds: list[dict], cfg, out_dir: Path, extra: dic
                 line[key] = p[key]
     corpus.update(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tags:
+        line_tags = [tags.get(p["id"]) for p in preds]
+        for line, t in zip(per_line, line_tags):
+            line["tags"] = t
+        corpus["by_tag"] = metrics_by_tag(per_line, line_tags)
+        (out_dir / "metrics_by_tag.json").write_text(json.dumps(corpus["by_tag"], ensure_ascii=False, indent=2),
+                                                     encoding="utf-8")
     (out_dir / "metrics.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=2), encoding="utf-8")
     write_jsonl(out_dir / "predictions.jsonl", [{"id": pl["id"], **{k: v for k, v in pl.items() if k != "id"}} for pl in per_line])
     print(f"{name}: CER {corpus['cer_raw']:.4f} (norm {corpus['cer_norm']:.4f}), line acc {corpus['line_acc_raw']:.4f}, "
           f"NED {corpus['ned_norm']:.4f}, {corpus['n_lines']} lines, loops {corpus['error_kinds']['repetition_loop']}, "
           f"{extra.get('lines_per_s', 0):.1f} lines/s -> {out_dir}")
+    if tags:
+        print_tag_table(name, corpus["by_tag"])
     return corpus, per_line
 
 
@@ -127,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from dsocr.datasets import load_eval_records
+    from dsocr.datasets import load_eval_records, load_eval_tags
     from dsocr.devices import default_device
     from dsocr.generation import GenerationSettings, generate_batched, max_new_tokens_for
     from dsocr.loading import load_for_eval
@@ -139,13 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     records = records_by_prompt[shared.collator.instruction]
     if not records:
         raise SystemExit(f"error: split {shared.eval.split!r} of {shared.data.dataset!r} has no usable records")
+    tags = load_eval_tags(shared)  # None unless the dataset has a tags column
     names = _display_names(args.ckpt, args.name)
     if args.out:
         out_root = Path(args.out)
     elif len(args.ckpt) == 1 and is_checkpoint(args.ckpt[0]):
         out_root = Path(args.ckpt[0]) / f"eval-{shared.eval.split}"
     else:
-        out_root = Path("runs") / "eval" / "_vs_".join(names)
+        out_root = Path("runs") / "eval" / "_vs_".join(names + args.peer)
     single = len(args.ckpt) == 1 and not args.peer
 
     results = []
@@ -180,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "max_new_tokens": settings.max_new_tokens, "no_repeat_ngram_size": settings.no_repeat_ngram_size,
                  "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds, "device": str(device)}
         out_dir = out_root if single else out_root / name
-        corpus, per_line = score_and_write(name, preds, shared, out_dir, extra, instruction=instruction)
+        corpus, per_line = score_and_write(name, preds, shared, out_dir, extra, instruction=instruction,
+                                             tags=tags)
         results.append((name, corpus, per_line))
         del loaded, model
     # ---------------------------------------------- peers on the same lines (optional extra)
@@ -194,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - start
         preds = [{"id": r["id"], "reference": r["messages"][1]["content"], "hypothesis": h} for r, h in zip(records, hyps)]
         extra = {"name": engine, "ckpt": f"peer:{engine}", "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds}
-        results.append((engine, *score_and_write(engine, preds, shared, out_root / engine, extra)))
+        results.append((engine, *score_and_write(engine, preds, shared, out_root / engine, extra, tags=tags)))
     # ---------------------------------------------- comparison report
     if len(results) > 1:
         from dsocr.report import write_comparison_report
