@@ -667,6 +667,7 @@ def generate_domains(out: str, sizes: dict[str, int], *, seed: int = 0, domains:
         raise ValueError(f"workers must be >= 1, got {workers}.")
     domains = tuple(domains)
     _init_worker(domains)
+    features()  # imports datasets (~2 s) before the clock starts: lines_per_s is rendering and writing
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(domains,)) if workers > 1 else None

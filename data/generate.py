@@ -20,6 +20,8 @@ Presets:
   never be redistributed, so val/test use reviews instead), jieba dictionary phrases and receipt/invoice
   lines (amounts with ¥/￥, dates, phone, order and model numbers, addresses). 13 Debian CJK faces, mild /
   medium / hard degradations.
+* ``receipt``, ``invoice``, ``medical``, ``screenshot`` (``domains``: all four mixed): the domain presets
+  of :mod:`data.domains`, with a ``tags`` column (domain, degradation level and operations, length bucket).
 * ``demo``: a narrow character set (digits, ``.:-/¥`` and 年月日元金额合计单号价数量) in 4-10 character lines,
   4 clean faces and mild degradations only, so a tiny model visibly learns in a few CPU minutes.
 
@@ -52,6 +54,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 SPLITS = ("train", "val", "test")
+# Presets of data.domains (receipt/invoice/medical/screenshot lines with a tags column), reachable from here.
+DOMAIN_PRESETS = ("receipt", "invoice", "medical", "screenshot", "domains")
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}  # part of each line's seed: splits never share a random stream
 ROW_GROUP = 1000  # rows per parquet row group: bounded memory while writing 400k lines
 
@@ -595,9 +599,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--test", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", choices=("reference", "demo"), default="reference")
+    p.add_argument("--preset", choices=("reference", "demo", *DOMAIN_PRESETS), default="reference",
+                   help="domain presets (receipt, invoice, medical, screenshot; 'domains' mixes all four) are "
+                   "data.domains' and add a tags column")
     p.add_argument("--workers", type=int, default=1, help="processes (output is identical for any value)")
     a = p.parse_args(argv)
+    if a.preset in DOMAIN_PRESETS:
+        from data.domains import DOMAINS
+        from data.domains import main as domains_main  # imported here: data.domains imports this module
+
+        chosen = ",".join(DOMAINS) if a.preset == "domains" else a.preset
+        return domains_main(["--out", a.out, "--domains", chosen, "--train", str(a.train), "--val", str(a.val),
+                             "--test", str(a.test), "--seed", str(a.seed), "--workers", str(a.workers)])
     s = generate(
         a.out,
         {"train": a.train, "val": a.val, "test": a.test},

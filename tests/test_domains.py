@@ -140,3 +140,12 @@ def test_sample_grid_is_written(gen, tmp_path):
     im = Image.open(path)
     assert im.width > 4 * 100
     assert np.asarray(im).std() > 5  # not a blank canvas
+
+
+def test_data_generate_reaches_the_domain_presets(gen, tmp_path):
+    from data import generate
+
+    assert generate.main(["--preset", "receipt", "--out", str(tmp_path), "--train", "6", "--val", "0",
+                          "--test", "0"]) == 0
+    rows = load_split(str(tmp_path), "train")
+    assert {t["domain"] for t in rows["tags"]} == {"receipt"}
