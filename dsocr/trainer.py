@@ -291,6 +291,8 @@ class OCRTrainer(Trainer):
             metrics[f"{metric_key_prefix}_cer_norm"] = corpus["cer_norm"]
             metrics[f"{metric_key_prefix}_line_acc"] = corpus["line_acc_raw"]
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 3)
+        # Full precision in train.log (the console's progress line rounds to 4 digits).
+        log.info("evaluation %s over %d rank(s): %s", metric_key_prefix, shard[1], json.dumps(metrics))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
