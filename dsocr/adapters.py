@@ -1,4 +1,12 @@
-"""LoRA adapters through PEFT: adding one for training, loading a saved one completely.
+"""What trains: a LoRA adapter through PEFT or parts of the model in full; loading a saved adapter completely.
+
+``prepare_training`` is the one entry for ``train_lora.py``: ``finetune.method: lora`` wraps the model in a
+PEFT adapter (``add_lora``; parts listed in ``finetune.train`` are trained in full beside it, as PEFT
+``modules_to_save``), ``full`` unfreezes the listed parts (``language_model``, ``projector``, ``vision``) of
+the model itself. Either way every trainable parameter is then kept in float32 (``upcast_trainable``):
+the master weights and AdamW's moments of a bf16/fp16 model must not be half precision (bf16 has 8 bits
+of mantissa: updates below 1/256 of a weight vanish), and autocast (``training.bf16``/``fp16``) runs the
+matmuls in half precision around them.
 
 This is the part a PEFT upgrade can break: ``load_adapter`` calls ``set_peft_model_state_dict`` and
 switches off one PEFT module flag (``peft_v5_renaming_off``). ``dsocr/versions.py`` pins PEFT to the
@@ -14,8 +22,85 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def add_lora(loaded) -> int:
+# Projector-side names of both families (the glue vectors included); the rest of a family's
+# ``vision_module_names`` are its vision towers; everything else is the language model.
+PROJECTOR_NAMES = frozenset({"projector", "multi_modal_projector", "image_newline", "view_seperator", "view_separator"})
+
+
+def part_of(param_name: str, family) -> str:
+    """``language_model``, ``projector`` or ``vision`` for a parameter name of ``family``'s model."""
+    names = set(param_name.split("."))
+    if names & PROJECTOR_NAMES:
+        return "projector"
+    if names & (set(family.vision_module_names) - PROJECTOR_NAMES):
+        return "vision"
+    return "language_model"
+
+
+def part_modules(family, parts: list[str]) -> list[str]:
+    """PEFT ``modules_to_save`` names of ``parts`` (projector / vision) of ``family``."""
+    out = []
+    for name in family.vision_module_names:
+        part = "projector" if name in PROJECTOR_NAMES else "vision"
+        if part in parts:
+            out.append(name)
+    return out
+
+
+def prepare_training(loaded) -> int:
+    """Make ``loaded.model`` trainable as ``cfg.finetune`` says; returns the number of trainable parameters."""
+    from dsocr.config import trained_parts
+
+    cfg = loaded.cfg
+    parts = trained_parts(cfg)
+    if cfg.finetune.method == "lora":
+        trainable = add_lora(loaded, parts)
+    else:
+        trainable = unfreeze_parts(loaded, parts)
+    upcast_trainable(loaded.model)
+    return trainable
+
+
+def unfreeze_parts(loaded, parts: list[str]) -> int:
+    """Full fine-tuning: ``requires_grad`` on the parameters of ``parts`` only, off on the rest."""
+    model, family = loaded.model, loaded.family
+    if hasattr(model, "set_vision_trainable"):
+        model.set_vision_trainable("vision" in parts)  # v1 records the switch in its config.json
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        part = part_of(name, family)
+        p.requires_grad_(part in parts)
+        counts[part] = counts.get(part, 0) + p.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(counts.values())
+    log.info("full fine-tuning of %s: %s trainable of %s parameters (%.1f%%); parts %s", ", ".join(parts),
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+    if trainable == 0:
+        raise ValueError(f"finetune.train {parts} matched no parameter of {family.name}")
+    return trainable
+
+
+def upcast_trainable(model) -> int:
+    """Every trainable bf16/fp16 parameter to float32 in place (frozen ones keep their dtype); returns how many."""
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    if n:
+        log.info("%d trainable tensors kept in float32 (master weights; autocast computes in half precision)", n)
+    return n
+
+
+def add_lora(loaded, parts: list[str] | None = None) -> int:
     """Wrap ``loaded.model`` (a ``dsocr.loading.Loaded``) in a LoRA adapter on the language model.
+
+    Args:
+        loaded: The loaded base model.
+        parts: ``projector`` / ``vision`` to train in full beside the adapter (``config.trained_parts``).
 
     Returns:
         The number of trainable parameters.
@@ -24,9 +109,14 @@ def add_lora(loaded) -> int:
 
     lora = loaded.cfg.lora
     targets = loaded.family.lora_targets(loaded.model, list(lora.target_modules))
-    # Vision unfrozen on request: trained in full and saved inside the adapter folder (modules_to_save),
-    # so a checkpoint stays self-contained; frozen (the seed's recipe) by default.
-    extra = {"modules_to_save": list(loaded.family.vision_module_names)} if loaded.cfg.model.train_vision else {}
+    # Vision/projector unfrozen on request: trained in full and saved inside the adapter folder
+    # (modules_to_save), so a checkpoint stays self-contained; frozen (the seed's recipe) by default.
+    if parts is None:
+        from dsocr.config import trained_parts
+
+        parts = trained_parts(loaded.cfg)
+    saved = part_modules(loaded.family, parts)
+    extra = {"modules_to_save": saved} if saved else {}
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", **targets, **extra)
     loaded.model = get_peft_model(loaded.model, peft_config)
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)

@@ -67,9 +67,30 @@ class ModelConfig:
     family: str = MISSING  # deepseek_ocr_v1 | deepseek_ocr2 (dsocr/models/__init__.py)
     name_or_path: str = MISSING  # hub id (deepseek-ai/DeepSeek-OCR) or a local checkpoint folder
     revision: str | None = None  # hub revision (branch, tag or commit) for reproducible runs
-    dtype: str = "auto"  # auto = bfloat16 on a bf16-capable GPU, float32 on CPU | float32 | bfloat16
+    # auto = bfloat16 on a bf16-capable GPU, float32 on CPU | float32 | bfloat16 | float16 (cards without
+    # bf16, e.g. T4/V100: needs training.fp16=true, the loss scaling). Frozen weights stay in this dtype;
+    # whatever trains is kept in float32 (master weights, fp32 optimizer state) under autocast.
+    dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | eager
-    train_vision: bool = False  # also train the vision towers + projector in full (frozen by default)
+    # Same as finetune.train: [vision, projector] (the vision towers + projector trained in full beside
+    # the LoRA adapter, saved with it); frozen by default.
+    train_vision: bool = False
+
+
+FINETUNE_METHODS = ("lora", "full")
+FINETUNE_PARTS = ("language_model", "projector", "vision")
+FULL_DEFAULT_PARTS = ["language_model", "projector"]
+
+
+@dataclass
+class FinetuneConfig:
+    """What training changes: a LoRA adapter (the seed's recipe) or the weights themselves (full)."""
+
+    method: str = "lora"  # lora: adapter on the language model | full: the parts below trained in full
+    # Parts trained in full: language_model | projector | vision (SAM/CLIP or the OCR-2 encoder). null =
+    # the method's default: lora [] (adapter only; add projector/vision to train them beside it), full
+    # [language_model, projector] (vision frozen, as in the seed). A full run saves whole models.
+    train: list[str] | None = None
 
 
 @dataclass
@@ -135,7 +156,8 @@ class RunConfig:
     # else a fresh run (for requeued jobs) | path/to/checkpoint-N
     resume_from_checkpoint: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # read only when finetune.method is lora
     data: DataConfig = field(default_factory=DataConfig)
     collator: CollatorConfig = field(default_factory=CollatorConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -247,8 +269,9 @@ def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
     problems = []
     if cfg.model.family not in FAMILY_NAMES:
         problems.append(f"model.family {cfg.model.family!r} is not one of {', '.join(FAMILY_NAMES)}")
-    if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
-        problems.append(f"model.dtype {cfg.model.dtype!r} is not one of auto, float32, bfloat16")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"model.dtype {cfg.model.dtype!r} is not one of auto, float32, bfloat16, float16")
+    problems.extend(_finetune_problems(cfg))
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         problems.append(f"model.attn_implementation {cfg.model.attn_implementation!r} is not one of sdpa, eager")
     if cfg.data.on_bad_record not in ("error", "skip"):
@@ -294,6 +317,46 @@ def validate(cfg: RunConfig | DictConfig, source: str = "config") -> None:
             problems.append(f"training.{key} is not allowed here; it is set by {owner}")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def trained_parts(cfg: RunConfig | DictConfig) -> list[str]:
+    """The parts trained in full (``finetune.train`` resolved: method default, ``model.train_vision``)."""
+    ft = cfg.finetune
+    parts = list(ft.train) if ft.train is not None else (list(FULL_DEFAULT_PARTS) if ft.method == "full" else [])
+    if cfg.model.train_vision:
+        parts += [p for p in ("vision", "projector") if p not in parts]
+    return [p for p in FINETUNE_PARTS if p in parts]  # canonical order, no duplicates
+
+
+def _finetune_problems(cfg) -> list[str]:
+    """``finetune.*`` choices and the mixed-precision rules that go with ``model.dtype``."""
+    problems = []
+    ft, training = cfg.finetune, cfg.training
+    if ft.method not in FINETUNE_METHODS:
+        problems.append(f"finetune.method {ft.method!r} is not one of {', '.join(FINETUNE_METHODS)}")
+        return problems
+    bad = [p for p in (ft.train or []) if p not in FINETUNE_PARTS]
+    if bad:
+        problems.append(f"finetune.train {bad} is not a subset of {', '.join(FINETUNE_PARTS)}")
+    parts = trained_parts(cfg)
+    if ft.method == "lora" and "language_model" in parts:
+        problems.append("finetune.train lists language_model with finetune.method lora (the adapter is the language "
+                        "model's training); to train its weights in full set finetune.method=full")
+    if ft.method == "full" and not parts:
+        problems.append("finetune.method full with finetune.train [] trains nothing; list parts from "
+                        f"{', '.join(FINETUNE_PARTS)} (or null for the default {FULL_DEFAULT_PARTS})")
+    bf16, fp16 = bool(training.get("bf16", False)), bool(training.get("fp16", False))
+    dtype = cfg.model.dtype
+    if dtype == "float16" and (not fp16 or bf16):
+        problems.append("model.dtype float16 needs training.fp16=true (autocast + loss scaling: float16 gradients "
+                        "underflow without it) and training.bf16=false")
+    if dtype == "bfloat16" and parts and not bf16:
+        problems.append(f"model.dtype bfloat16 with parts trained in full ({', '.join(parts)}) needs training.bf16=true: "
+                        "the trained weights are kept in float32 (master copy) and bf16 autocast runs the "
+                        "frozen bf16 layers around them")
+    if fp16 and dtype == "bfloat16":
+        problems.append("training.fp16=true with model.dtype bfloat16: use training.bf16=true, or model.dtype float16")
+    return problems
 
 
 def image_limits(cfg: RunConfig) -> ImageLimits:

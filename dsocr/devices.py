@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -13,6 +13,8 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if name == "float16":  # cards without bf16 (T4, V100): training needs fp16 autocast + loss scaling
+        return torch.float16
     on_cuda = (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda")
     return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
 

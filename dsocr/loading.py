@@ -1,8 +1,9 @@
 """The one model-loading path shared by training, ``eval_ppl.py``, ``eval_cer.py`` and every later script.
 
-``load_base`` loads tokenizer + model through the config's family; ``dsocr.adapters.add_lora`` wraps it for
-training; ``load_for_eval`` accepts either a base model (hub id / folder, config given separately) or a LoRA
-checkpoint folder, which carries its own ``run_config.yaml`` and needs nothing else.
+``load_base`` loads tokenizer + model through the config's family; ``dsocr.adapters.prepare_training`` makes
+it trainable (LoRA or full); ``load_for_eval`` accepts a base model (hub id / folder, config given
+separately), a LoRA checkpoint folder or a full fine-tuning checkpoint folder (a whole model): both kinds
+of checkpoint carry their own ``run_config.yaml`` and need nothing else.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Any
 import torch
 
 from dsocr.adapters import load_adapter
-from dsocr.checkpoints import ADAPTER_CONFIG, CheckpointError, checkpoint_problem, model_path_problem
+from dsocr.checkpoints import (
+    ADAPTER_CONFIG,
+    CheckpointError,
+    checkpoint_kind,
+    checkpoint_problem,
+    model_path_problem,
+)
 from dsocr.config import CONFIG_FILE_NAME, RunConfig, load_saved_config
 from dsocr.devices import default_device, resolve_dtype
 from dsocr.models import ModelFamily, get_family
@@ -66,6 +73,8 @@ def load_base(cfg: RunConfig, device: torch.device | None = None) -> Loaded:
     )
     if cfg.model.train_vision and not family.vision_module_names:
         raise ValueError(f"model.train_vision is not supported by family {family.name!r}; set it to false")
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        log.warning("model.dtype float16 on CPU: fp16 autocast and loss scaling are meant for GPUs")
     return Loaded(cfg=cfg, family=family, tokenizer=tokenizer, model=model)
 
 
@@ -91,6 +100,10 @@ def load_for_eval(ckpt: str, cfg: RunConfig | None = None, overrides: list[str] 
         loaded = load_base(saved, device)
         loaded.model = load_adapter(loaded.model, path)
         loaded.adapter = str(path)
+    elif path.is_dir() and checkpoint_kind(path) == "full" and (path / CONFIG_FILE_NAME).is_file():
+        # A full fine-tuning checkpoint: the folder is the model; its run config says how it was trained.
+        saved = load_saved_config(path, [*(overrides or []), f"model.name_or_path={path}", "model.revision=null"])
+        loaded = load_base(saved, device)
     else:
         if cfg is None:
             raise CheckpointError(

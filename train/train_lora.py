@@ -52,12 +52,31 @@ def setup_logging(output_dir: Path, rank: int = 0) -> None:
                             handlers=[logging.StreamHandler(sys.stdout)], force=True)
 
 
+def check_mixed_precision(cfg: RunConfig, args, model) -> None:
+    """A half-precision model trains only under autocast (``training.bf16``/``fp16``); say which flag to set.
+
+    The config check covers an explicit ``model.dtype``; this one the resolved ``auto`` (bf16 on a GPU).
+    """
+    import torch
+
+    from dsocr.config import ConfigError, trained_parts
+    from dsocr.devices import model_dtype
+
+    dtype = model_dtype(model)
+    if dtype == torch.bfloat16 and trained_parts(cfg) and not args.bf16:
+        raise ConfigError(f"model.dtype {cfg.model.dtype} loaded the model in bfloat16 and finetune trains "
+                          f"{', '.join(trained_parts(cfg))} in full: set training.bf16=true (float32 master weights "
+                          "under bf16 autocast), or model.dtype=float32")
+    if dtype == torch.float16 and not args.fp16:
+        raise ConfigError("the model is in float16: set training.fp16=true (autocast + loss scaling)")
+
+
 def main(cfg: RunConfig) -> dict:
     """Run one fine-tuning job described by ``cfg``; returns the final metrics."""
     # Heavy imports (torch, transformers, datasets) only after the config parsed: a typo fails at once.
     from transformers import set_seed
 
-    from dsocr.adapters import add_lora
+    from dsocr.adapters import prepare_training
     from dsocr.checkpointing import finish_from_checkpoint
     from dsocr.checkpoints import plan_resume
     from dsocr.datasets import SKIPPED_LOG, build_train_eval, skipped_counts
@@ -88,13 +107,16 @@ def main(cfg: RunConfig) -> dict:
     # 3B model has loaded.
     train_ds, eval_ds = build_train_eval(cfg, output_dir)
 
-    # ---------------------------------------------------------------- model + LoRA
+    # ---------------------------------------------------------------- model + LoRA (or full fine-tuning)
     # Seed before the LoRA A matrices are drawn (the Trainer seeds only later, in its __init__): without
     # it two fresh runs of one config start from different adapters and can never match bit for bit.
     set_seed(cfg.seed)
     loaded = load_base(cfg, args.device)
     family = loaded.family
-    trainable = add_lora(loaded)
+    check_mixed_precision(cfg, args, loaded.model)
+    # finetune.method: lora = PEFT adapter (+ parts in full beside it), full = the parts themselves; either
+    # way the trained weights are float32 master copies.
+    trainable = prepare_training(loaded)
     model = loaded.model
     model_loaded_at = time.perf_counter()
     if args.gradient_checkpointing:
