@@ -441,7 +441,7 @@ class DomainGenerator:
         self.faces: dict[str, tuple[Face, ...]] = {}
         for d in self.domains:
             wanted = DOMAIN_FACES[d]
-            chosen = tuple(f for f in faces if os.path.basename(f.path) in wanted and f.name.split("#")[0] in wanted)
+            chosen = tuple(f for f in faces if f.name.split("#")[0] in wanted)  # Face.name is "file#index"
             if not chosen:
                 raise RuntimeError(f"no face of domain {d!r} installed (wanted one of {', '.join(wanted)}): {APT_HINT}")
             self.faces[d] = chosen
