@@ -7,7 +7,8 @@ Run::
     python eval/eval_cer.py --ckpt runs/x/final data.dataset=runs/hardset eval.split=test
 
 Version ``v1``: 2,000 lines = 4 domains (receipt, invoice, medical, screenshot; :mod:`data.domains`) x 4
-degradation levels (clean, mild, medium, hard) x 125 lines, in that order, split ``test``, ids
+degradation levels (clean, mild, medium, hard) x 125 lines, the 16 cells interleaved (any prefix of 16 n
+lines, e.g. ``eval.max_samples=160``, is balanced), split ``test``, ids
 ``hard-v1-<domain>-<level>-<k>``; line ``i`` is ``DomainGenerator.make(SEED, "test", i, domain, level)``
 with ``SEED = 20261215``, so it shares no random stream with training data drawn by
 ``python -m data.domains`` (whose seeds are small integers; a training run should not use this seed).
@@ -51,8 +52,12 @@ class HardSetMismatch(RuntimeError):
 
 
 def composition(per_cell: int = PER_CELL) -> list[tuple[str, str, str]]:
-    """``(id, domain, level)`` of every line, in file order (domain-major, then level)."""
-    return [(f"hard-{VERSION}-{d}-{lv}-{k:03d}", d, lv) for d in DOMAINS for lv in LEVEL_NAMES for k in range(per_cell)]
+    """``(id, domain, level)`` of every line, in file order: the 16 (domain, level) cells interleaved.
+
+    Line ``16 k + 4 d + l`` is the ``k``-th of domain ``d``, level ``l``, so every prefix of 16 n lines
+    (``eval.max_samples``) holds n lines of each cell.
+    """
+    return [(f"hard-{VERSION}-{d}-{lv}-{k:03d}", d, lv) for k in range(per_cell) for d in DOMAINS for lv in LEVEL_NAMES]
 
 
 _GEN: DomainGenerator | None = None
@@ -162,7 +167,7 @@ def check(manifest: dict) -> None:
     """Raise :class:`HardSetMismatch` unless the build's content hash is the pinned one."""
     ref = pinned()
     if manifest["per_cell"] != ref["per_cell"] or manifest["content_sha256"] != ref["content_sha256"]:
-        diffs = differences(manifest, ref) or ["no font or renderer difference: a change in data/domains.py?"]
+        diffs = differences(manifest, ref) or ["no font or renderer difference: a change in data/domains.py or data/hardset.py?"]
         raise HardSetMismatch(
             f"hard set {VERSION} content hash {manifest['content_sha256']} != pinned {ref['content_sha256']} "
             f"(per_cell {manifest['per_cell']} vs {ref['per_cell']}). Differences from the pinned build:\n  "

@@ -103,6 +103,8 @@ def test_hard_set_small_rebuild_is_bit_identical(gen, tmp_path):
     rows = load_split(str(tmp_path / "h1"), "test")
     assert rows[0]["id"] == "hard-v1-receipt-clean-000"
     assert rows[0]["tags"]["level"] == "clean"
+    first16 = {(t["domain"], t["level"]) for t in rows["tags"][:16]}
+    assert len(first16) == 16, "every prefix of 16 lines covers all (domain, level) cells"
 
 
 def test_hard_set_check_names_what_differs(gen, tmp_path):
