@@ -101,3 +101,22 @@ def launch_record(args) -> dict:
         "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
         "deepspeed": deepspeed_stage(args),
     }
+
+
+def mark_moe_leaves(model) -> list[str]:
+    """Under ZeRO-3, gather each MoE block's weights as one unit (DeepSpeed's leaf modules).
+
+    ZeRO-3 gathers a module's partitioned weights in a forward hook and expects every rank to run the
+    same modules in the same order. An expert that received no token on one rank is skipped there, so
+    that rank never joins the gather the others wait in: a hang. Marked as a leaf, the whole MoE block
+    (router, every expert, shared experts) is gathered on entry on every rank, whatever the routing.
+    Returns the marked class names (empty without DeepSpeed or without MoE blocks).
+    """
+    classes = sorted({type(m) for m in model.modules() if type(m).__name__.lower().endswith("moe")},
+                     key=lambda c: c.__name__)
+    if not classes:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]

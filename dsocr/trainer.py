@@ -199,6 +199,18 @@ class OCRTrainer(Trainer):
             pause_for_test("saved", step, run_dir)  # test hook: SIGKILL here = a kill right after a save
         self.accelerator.wait_for_everyone()
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """HF's loading, except on a multi-process CPU run: HF maps the state to ``args.device``, which is
+        ``cpu:0`` there, and torch cannot restore tensors to that location."""
+        if (checkpoint is None or self.is_deepspeed_enabled or self.args.world_size <= 1
+                or self.args.device.type != "cpu"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        optimizer, scheduler = os.path.join(checkpoint, "optimizer.pt"), os.path.join(checkpoint, "scheduler.pt")
+        if os.path.isfile(optimizer) and os.path.isfile(scheduler):
+            self.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        return None
+
     def _save_rng_state(self, output_dir: str) -> None:
         """This rank's generators only (python, numpy, torch CPU, this rank's own CUDA device)."""
         states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}

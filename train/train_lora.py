@@ -118,6 +118,11 @@ def main(cfg: RunConfig) -> dict:
     # way the trained weights are float32 master copies.
     trainable = prepare_training(loaded)
     model = loaded.model
+    if launch["deepspeed"] == 3:
+        from dsocr.distributed import mark_moe_leaves
+
+        # Ranks whose tokens skip an expert would otherwise never join that expert's weight gather.
+        log.info("ZeRO-3: MoE blocks gathered whole (leaf modules): %s", ", ".join(mark_moe_leaves(model)) or "none")
     model_loaded_at = time.perf_counter()
     if args.gradient_checkpointing:
         # Frozen embeddings give the checkpointed blocks inputs without grad; PEFT's hook fixes that.
