@@ -200,8 +200,10 @@ class OCRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """HF's loading, except on a multi-process CPU run: HF maps the state to ``args.device``, which is
-        ``cpu:0`` there, and torch cannot restore tensors to that location."""
+        """HF's loading, except on a multi-process CPU run (optimizer state mapped to the CPU).
+
+        HF maps the state to ``args.device``, which is ``cpu:0`` there: torch cannot restore tensors to it.
+        """
         if (checkpoint is None or self.is_deepspeed_enabled or self.args.world_size <= 1
                 or self.args.device.type != "cpu"):
             return super()._load_optimizer_and_scheduler(checkpoint)
