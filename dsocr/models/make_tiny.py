@@ -1,6 +1,7 @@
 """Write a tiny random-weight model of a family, loadable like a hub checkpoint (tests, CPU demo).
 
     python -m dsocr.models.make_tiny --family deepseek_ocr_v1 --out runs/tiny_models/deepseek_ocr_v1
+    python -m dsocr.models.make_tiny --family deepseek_ocr_v1 --demo --out runs/tiny_models/deepseek_ocr_v1_demo
     python -m dsocr.models.make_tiny --family deepseek_ocr_v1 --full-size --out /tmp/v1_full   # GPU, speed tests
 
 The model is built from the real classes with shrunken sizes and saved with ``save_pretrained`` next
@@ -23,6 +24,39 @@ def make_tiny(family: str, out: str | Path, seed: int = 0, force: bool = False) 
         return out
     out.mkdir(parents=True, exist_ok=True)
     get_family(family).make_tiny(out, seed=seed)
+    return out
+
+
+# The demo's tiny v1 (``--demo``): ``tiny_config`` with these fields changed; the tests keep ``tiny_config``.
+# Why wider: the output head has 129,280 random rows, and a hidden state of width H can only spread its
+# probability over about H / 20 tokens before random rows outscore them (the random logits have a spread of
+# ``row_norm``, an aligned row ``row_norm * sqrt(H)``). Until the model reads the image it must hedge over
+# the ~100 two-digit number tokens, and with H = 256 it cannot (the loss stalls near 5 nats per token).
+# Attention keeps 4 heads of 64 (head_dim is set explicitly: tiny_config derived it from 256 already).
+DEMO_V1_GEOMETRY = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256, "head_dim": 64}
+
+
+def make_demo_v1(out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """The CPU demo's tiny random v1: ``tiny_config`` with ``DEMO_V1_GEOMETRY``, the real tokenizer."""
+    import torch
+
+    from dsocr.models.base import scale_tiny_output_head
+    from dsocr.models.deepseek_ocr_v1.family import tiny_config
+    from dsocr.models.deepseek_ocr_v1.modeling import DeepseekOCRForCausalLM
+    from dsocr.models.tokenizer import build_offline_tokenizer
+
+    out = Path(out)
+    if (out / "config.json").is_file() and not force:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_config()
+    for key, value in DEMO_V1_GEOMETRY.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = DeepseekOCRForCausalLM(config)
+    scale_tiny_output_head(model, seed=seed)
+    model.save_pretrained(out)
+    build_offline_tokenizer().save_pretrained(out)
     return out
 
 
@@ -68,7 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-size", action="store_true",
                    help="deepseek_ocr_v1 only: the official 3.34 B shapes with random weights (speed tests)")
     p.add_argument("--device", default="cuda", help="where --full-size builds the model")
+    p.add_argument("--demo", action="store_true",
+                   help="deepseek_ocr_v1 only: the CPU demo's geometry (DEMO_V1_GEOMETRY), not the tests' one")
     a = p.parse_args(argv)
+    if a.demo:
+        if a.family != "deepseek_ocr_v1" or a.full_size:
+            p.error("--demo is available for --family deepseek_ocr_v1, without --full-size")
+        print(make_demo_v1(a.out, a.seed, a.force))
+        return
     if a.full_size:
         if a.family != "deepseek_ocr_v1":
             p.error("--full-size is available for --family deepseek_ocr_v1")
