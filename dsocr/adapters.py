@@ -37,6 +37,11 @@ def part_of(param_name: str, family) -> str:
     return "language_model"
 
 
+def _numel(p) -> int:
+    """Elements of a parameter; under ZeRO-3 its full size (the local tensor is an empty placeholder)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def part_modules(family, parts: list[str]) -> list[str]:
     """PEFT ``modules_to_save`` names of ``parts`` (projector / vision) of ``family``."""
     out = []
@@ -70,8 +75,8 @@ def unfreeze_parts(loaded, parts: list[str]) -> int:
     for name, p in model.named_parameters():
         part = part_of(name, family)
         p.requires_grad_(part in parts)
-        counts[part] = counts.get(part, 0) + p.numel()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts[part] = counts.get(part, 0) + _numel(p)
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(counts.values())
     log.info("full fine-tuning of %s: %s trainable of %s parameters (%.1f%%); parts %s", ", ".join(parts),
              f"{trainable:,}", f"{total:,}", 100 * trainable / total,
@@ -84,7 +89,10 @@ def unfreeze_parts(loaded, parts: list[str]) -> int:
 def upcast_trainable(model) -> int:
     """Every trainable bf16/fp16 parameter to float32 in place (frozen ones keep their dtype); returns how many."""
     import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
+    if is_deepspeed_zero3_enabled():
+        return 0  # partitioned weights: DeepSpeed keeps the float32 master partitions in its optimizer
     n = 0
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
@@ -119,8 +127,8 @@ def add_lora(loaded, parts: list[str] | None = None) -> int:
     extra = {"modules_to_save": saved} if saved else {}
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", **targets, **extra)
     loaded.model = get_peft_model(loaded.model, peft_config)
-    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in loaded.model.parameters())
+    trainable = sum(_numel(p) for p in loaded.model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in loaded.model.parameters())
     log.info("LoRA r=%d alpha=%d on %s: %s trainable of %s parameters (%.2f%%)", lora.r, lora.alpha,
              ",".join(lora.target_modules), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     if trainable == 0:
