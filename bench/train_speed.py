@@ -137,7 +137,7 @@ def run_train(tree: Path, name: str, overrides: list[str], steps: int, profile: 
     row = {"name": name, "code": "old" if baseline else "new", "overrides": overrides, "wall_s": round(wall, 1),
            **speed, "peak_gpu_gib": results.get("peak_gpu_gib")}
     if (out / "profile_ops.txt").is_file():
-        row["profile_ops"] = (out / "profile_ops.txt").read_text()[:6000]
+        row["profile_ops"] = (out / "profile_ops.txt").read_text()[:30000]
     log(f"  {row.get('steady_samples_per_s')} samples/s, first step {row.get('first_step_s')} s, "
         f"peak {row.get('peak_gpu_gib')} GiB, breakdown {row.get('breakdown_ms')}")
     return row

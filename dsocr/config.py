@@ -139,6 +139,7 @@ class EvalSettings:
     batch_size: int = 16  # lines per generate() call (left-padded)
     max_new_tokens: int | None = None  # None = sized from the data: longest reference (tokens) * 2 + 8
     no_repeat_ngram_size: int = 20  # the official repetition guard (0 disables)
+    num_workers: int | None = None  # processes preprocessing the next generation batches; None = 0 on CPU, else <= 8
     train_cer_samples: int = 64  # fixed eval-split subset scored with CER at each eval_steps (0 = off)
     nfkc: bool = True  # normalised CER: NFKC (full/half width, ￥ -> ¥)
     remove_whitespace: bool = True  # normalised CER: drop all whitespace

@@ -5,6 +5,7 @@ Used by ``eval_ppl.py``, ``eval_cer.py`` and the evaluation inside training (``d
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,31 @@ class GenerationSettings:
     batch_size: int = 16
     max_new_tokens: int = 64
     no_repeat_ngram_size: int = 20  # the official guard against repetition loops; 0 = off
+    # Processes preparing the next batches (image preprocessing) while the model generates; None = auto:
+    # 0 on the CPU (the model needs the cores), else up to 8.
+    num_workers: int | None = None
+
+
+def loader_workers(configured: int | None, device: torch.device) -> int:
+    """Preprocessing workers for generation: ``configured``, or 0 on the CPU and min(8, CPUs) elsewhere."""
+    if configured is not None:
+        return int(configured)
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+class _GenerationBatches(torch.utils.data.Dataset):
+    """Batch ``k`` of a fixed list of index lists, collated for ``generate()`` (run in DataLoader workers)."""
+
+    def __init__(self, collator: DeepSeekOCRDataCollator, records: Sequence, batches: list[list[int]]):
+        self.collator, self.records, self.batches = collator, records, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        idx = self.batches[k]
+        batch, ids, refs = self.collator.generation_batch([self.records[i] for i in idx])
+        return idx, batch, ids, refs
 
 
 def max_new_tokens_for(tokenizer, references: Sequence[str], configured: int | None) -> int:
@@ -131,9 +157,15 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
     order = sorted(range(len(records)), key=lambda i: _prompt_len(gen_collator, records[i]))
     results: list[dict | None] = [None] * len(records)
     starts = list(range(0, len(order), settings.batch_size))[shard[0]::shard[1]]
-    for start in tqdm(starts, desc="generate", disable=not progress):
-        idx = order[start:start + settings.batch_size]
-        batch, ids, refs = gen_collator.generation_batch([records[i] for i in idx])
+    batches = [order[start:start + settings.batch_size] for start in starts]
+    # Preprocessing a Gundam batch (resizes, tiles) takes seconds on one core: workers prepare the next
+    # batches while the model generates, in the same order, so the results are those of a serial loop.
+    workers = loader_workers(settings.num_workers, device)
+    loader = torch.utils.data.DataLoader(
+        _GenerationBatches(gen_collator, records, batches), batch_size=None, shuffle=False, num_workers=workers,
+        prefetch_factor=2 if workers else None, pin_memory=device.type == "cuda",
+    )
+    for idx, batch, ids, refs in tqdm(loader, total=len(batches), desc="generate", disable=not progress):
         width = batch["input_ids"].shape[1]
         batch = batch_to(batch, device, dtype)
         recorder = GreedyTokenLogProbs()

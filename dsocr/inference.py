@@ -33,7 +33,7 @@ from typing import Any
 
 from data.convert import ASSISTANT_ROLE, DEFAULT_INSTRUCTION, USER_ROLE
 from data.images import ImageLimits
-from dsocr.checkpoints import CheckpointError, checkpoint_problem, is_checkpoint
+from dsocr.checkpoints import CheckpointError, checkpoint_kind, checkpoint_problem, is_checkpoint
 from dsocr.config import CONFIG_FILE_NAME, RunConfig, image_limits, load_config, load_saved_config
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,17 @@ FAMILY_BY_MODEL_TYPE = {"deepseek_vl_v2": "deepseek_ocr_v1", "DeepseekOCR": "dee
 
 
 def model_kind(ckpt: str) -> str:
-    """``checkpoint`` (LoRA + run config), ``exported`` (config.json + run config) or ``base``."""
+    """``checkpoint`` (a training checkpoint), ``exported`` (``infer/export.py``'s folder) or ``base``.
+
+    A full fine-tuning checkpoint and a merged export both hold config.json, weights and the run config;
+    the export alone has the model card (``README.md``) and no Trainer state beside its weights.
+    """
     path = Path(ckpt)
-    if is_checkpoint(path):
+    with_run_config = (path / "config.json").is_file() and (path / CONFIG_FILE_NAME).is_file()
+    export_card = (path / "README.md").is_file() and not (path / "trainer_state.json").is_file()
+    if is_checkpoint(path) and not (checkpoint_kind(path) == "full" and export_card):
         return "checkpoint"
-    if (path / "config.json").is_file() and (path / CONFIG_FILE_NAME).is_file():
-        return "exported"
-    return "base"
+    return "exported" if with_run_config else "base"
 
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict:
@@ -242,7 +246,7 @@ def load_predictor(ckpt: str, *, config: str | None = None, prompt: str | None =
     if max_new_tokens <= 0 or (batch_size is not None and batch_size <= 0):
         raise ValueError(f"--max-new-tokens ({max_new_tokens}) and --batch-size ({batch_size}) must be positive")
     settings = GenerationSettings(batch_size=batch_size or ev.batch_size, max_new_tokens=int(max_new_tokens),
-                                  no_repeat_ngram_size=ev.no_repeat_ngram_size)
+                                  no_repeat_ngram_size=ev.no_repeat_ngram_size, num_workers=ev.num_workers)
     predictor = Predictor(name=name or display_name(ckpt), ckpt=str(ckpt), kind=kind, loaded=loaded,
                           collator=loaded.make_collator(train=False), settings=settings, prompt=instruction,
                           device=device)

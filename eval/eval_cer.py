@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         collator = loaded.make_collator(train=False)
         ev = shared.eval
         settings = GenerationSettings(
-            batch_size=ev.batch_size, no_repeat_ngram_size=ev.no_repeat_ngram_size,
+            batch_size=ev.batch_size, no_repeat_ngram_size=ev.no_repeat_ngram_size, num_workers=ev.num_workers,
             max_new_tokens=max_new_tokens_for(loaded.tokenizer, [r["messages"][1]["content"] for r in records], ev.max_new_tokens),
         )
         # ---------------------------------------------- generate and score

@@ -69,6 +69,23 @@ def test_batched_confidences_equal_one_at_a_time(tiny_v1):
         assert abs(a["confidence_mean"] - b["confidence_mean"]) < 1e-4 and abs(a["confidence_min"] - b["confidence_min"]) < 1e-4
 
 
+def test_preprocessing_workers_give_the_serial_results_in_input_order(tiny_v1, monkeypatch):
+    import dsocr.generation as generation
+
+    loaded, collator, records = tiny_v1
+    seen = []
+    real = torch.utils.data.DataLoader
+    monkeypatch.setattr(generation.torch.utils.data, "DataLoader",
+                        lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    settings = {w: generation.GenerationSettings(batch_size=2, max_new_tokens=6, num_workers=w) for w in (0, 2)}
+    serial, parallel = (generation.generate_batched(loaded.model, collator, records, settings[w], torch.device("cpu"),
+                                                    progress=False) for w in (0, 2))
+    assert seen == [0, 2]
+    assert parallel == serial  # ids, hypotheses and confidences, record by record
+    assert [p["id"] for p in parallel] == [r["id"] for r in records]
+    assert generation.loader_workers(None, torch.device("cpu")) == 0
+
+
 def test_eos_ends_what_counts():
     from dsocr.generation import GreedyTokenLogProbs
 

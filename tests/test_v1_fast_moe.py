@@ -148,6 +148,53 @@ def test_plain_model_without_peft_and_frozen_base_cache():
         torch.testing.assert_close(changed, moe(x), atol=1e-5, rtol=1e-5)
 
 
+def test_stacks_are_reused_under_no_grad_and_rebuilt_after_a_weight_change(monkeypatch):
+    # Decoding calls each MoE layer once per new token: with grad off the stacked base and LoRA weights are
+    # built once (weights that require grad included: a loaded model's do), and rebuilt when one changes.
+    model = _lora_model()
+    moe = _moe(model)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    builds = {"lora": 0, "base": 0}
+    real_lora = grouped_experts._stack_lora
+    monkeypatch.setattr(grouped_experts, "_stack_lora", lambda *a: builds.__setitem__("lora", builds["lora"] + 1) or real_lora(*a))
+    real_base = grouped_experts.GroupedExperts.base_stacks
+
+    def base(self, *a):
+        before = self._stack
+        out = real_base(self, *a)
+        builds["base"] += out is not before
+        return out
+
+    monkeypatch.setattr(grouped_experts.GroupedExperts, "base_stacks", base)
+    with torch.no_grad():
+        moe.config.moe_implementation = "grouped"
+        first = moe(x)
+        for _ in range(3):
+            torch.testing.assert_close(moe(x), first, atol=0, rtol=0)
+        assert builds == {"lora": 3, "base": 1}  # one stack per projection (gate, up, down), once
+        moe.experts[2].up_proj.lora_B["default"].weight.mul_(3.0)
+        changed = moe(x)
+        moe.config.moe_implementation = "loop"
+        torch.testing.assert_close(changed, moe(x), atol=1e-5, rtol=1e-5)
+    assert builds["lora"] == 6 and not torch.equal(changed, first)
+
+
+def test_base_stack_of_weights_that_require_grad_is_cached_under_no_grad(monkeypatch):
+    # from_pretrained leaves requires_grad on: prediction with a merged export must not restack the experts
+    # (hundreds of MB per layer on the full model) at every decoding step.
+    torch.manual_seed(0)
+    moe = DeepseekOCRForCausalLM(tiny_config()).float().model.layers[1].mlp
+    assert all(p.requires_grad for p in moe.experts.parameters())
+    stacks = []
+    real_stack = torch.stack
+    monkeypatch.setattr(grouped_experts.torch, "stack", lambda *a, **k: stacks.append(1) or real_stack(*a, **k))
+    x = torch.randn(1, 4, moe.config.hidden_size)
+    with torch.no_grad():
+        for _ in range(4):
+            moe(x)
+    assert len(stacks) == 3  # gate, up, down: once
+
+
 def test_dropout_in_training_falls_back_to_loop(caplog):
     model = _lora_model(dropout=0.1)
     moe = _moe(model)

@@ -18,6 +18,7 @@ from dsocr.models.deepseek_ocr_v1.processing import (
     TILE_SIZE,
     V1_MODES,
     DeepseekOCRImageProcessor,
+    normalize_pixels,
     tile_grid_candidates,
 )
 
@@ -134,7 +135,7 @@ def test_letterbox_geometry_base():
     # 400x120 in base: height round(120 / 400 * 1024) = 307, pasted at y = round((1024 - 307) / 2) = 358
     # (Python rounds 358.5 to even). A white image stays exactly white under bicubic, so rows tell all.
     out = DeepseekOCRImageProcessor("base")(Image.new("RGB", (400, 120), (255, 255, 255)))
-    pv = out.tensors["pixel_values"]
+    pv = normalize_pixels(out.tensors["pixel_values"])
     assert pv.shape == (1, 3, 1024, 1024)
     white_rows = (pv == 1.0).all(dim=3).all(dim=1)[0]  # [1024] bool
     grey_rows = (pv == pad_value()).all(dim=3).all(dim=1)[0]
@@ -145,9 +146,9 @@ def test_letterbox_geometry_base():
 def test_squash_modes_lose_the_aspect_ratio():
     # tiny/small stretch the image over the whole square: no pad colour anywhere.
     for mode, side in (("tiny", 512), ("small", 640)):
-        pv = DeepseekOCRImageProcessor(mode)(Image.new("RGB", (400, 120), (255, 255, 255))).tensors[
+        pv = normalize_pixels(DeepseekOCRImageProcessor(mode)(Image.new("RGB", (400, 120), (255, 255, 255))).tensors[
             "pixel_values"
-        ]
+        ])
         assert pv.shape == (1, 3, side, side)
         assert (pv == 1.0).all()
 
@@ -161,7 +162,7 @@ def test_tiles_are_row_major():
         x, y = (k % 2) * TILE_SIZE, (k // 2) * TILE_SIZE
         image.paste(colour, (x, y, x + TILE_SIZE, y + TILE_SIZE))
     out = DeepseekOCRImageProcessor("gundam")(image)
-    local = out.tensors["pixel_values_local"]
+    local = normalize_pixels(out.tensors["pixel_values_local"])
     assert out.tensors["images_spatial_crop"].tolist() == [[2, 2]]
     assert local.shape == (4, 3, 640, 640)
     for k, colour in enumerate(colours):
@@ -169,17 +170,22 @@ def test_tiles_are_row_major():
         assert torch.equal(local[k], expected), f"tile {k}"
 
 
-def test_pixel_range_and_dtype():
-    # Pure black and white pixels map exactly to -1 and 1; everything stays inside.
+def test_pixels_leave_uint8_and_normalize_to_the_unit_range():
+    # uint8 out of the processor (a quarter of float32's bytes to copy to the GPU); pure black and white
+    # map exactly to -1 and 1 under normalize_pixels, everything stays inside.
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, (700, 900, 3), dtype=torch.uint8, generator=g).numpy()
     noise[0, 0] = 0
     noise[0, 1] = 255
     out = DeepseekOCRImageProcessor("gundam")(Image.fromarray(noise))
     for key in ("pixel_values", "pixel_values_local"):
-        t = out.tensors[key]
-        assert t.dtype == torch.float32 and t.is_contiguous()
-        assert t.min().item() == -1.0 and t.max().item() == 1.0
+        raw = out.tensors[key]
+        assert raw.dtype == torch.uint8
+        assert raw.is_contiguous()
+        t = normalize_pixels(raw)
+        assert t.dtype == torch.float32
+        assert t.min().item() == -1.0
+        assert t.max().item() == 1.0
     assert out.tensors["images_spatial_crop"].dtype == torch.long
 
 
@@ -238,5 +244,5 @@ def test_num_image_tokens_agrees_with_call(mode):
 
 def test_degenerate_line_gives_grey_global_view():
     # 20000x1 letterboxed to 1024 wide is round(0.05) = 0 px high: the global view carries no content.
-    pv = DeepseekOCRImageProcessor("base")(Image.new("RGB", (20000, 1), (0, 0, 0))).tensors["pixel_values"]
+    pv = normalize_pixels(DeepseekOCRImageProcessor("base")(Image.new("RGB", (20000, 1), (0, 0, 0))).tensors["pixel_values"])
     assert (pv == pad_value()).all()

@@ -100,15 +100,19 @@ class GroupedExperts:
     def __init__(self):
         self._key = None
         self._stack = None
+        self._lora_key = None
+        self._lora_stack = None
 
     def base_stacks(self, gates, ups, downs, dtype):
         """The stacked base weights ``([E, 2I, H] gate+up, [E, H, I] down)`` in ``dtype``, cached while frozen."""
         weights = [m.weight for m in (*gates, *ups, *downs)]
-        trainable = any(w.requires_grad for w in weights)
+        # Weights that get a gradient are stacked under autograd every call; with grad off (evaluation,
+        # prediction: a loaded model's weights require grad by default) the stack is cached like frozen ones.
+        trainable = any(w.requires_grad for w in weights) and torch.is_grad_enabled()
         key = (dtype, tuple((w.data_ptr(), w._version) for w in weights))
         if not trainable and key == self._key:
             return self._stack
-        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(trainable):
             gate_up = torch.cat([torch.stack([m.weight for m in gates]), torch.stack([m.weight for m in ups])], dim=1)
             down = torch.stack([m.weight for m in downs])
             stack = (gate_up.to(dtype), down.to(dtype))
@@ -117,6 +121,24 @@ class GroupedExperts:
         else:
             self._key, self._stack = key, stack
         return stack
+
+    def lora_stacks(self, lora: dict, dtype: torch.dtype) -> dict:
+        """Per projection, ``_stack_lora`` of its experts' adapters; cached while no adapter weight needs a gradient.
+
+        In evaluation and prediction (adapters frozen or grad off) the stacks are the same at every decoding
+        step: building them anew (six stacks of 64 tensors per layer) would cost more than the step's GEMMs.
+        """
+        weights = [t for pieces in lora.values() for per_expert in pieces for a, b, _ in per_expert for t in (a, b)]
+        if any(w.requires_grad for w in weights) and torch.is_grad_enabled():
+            self._lora_key, self._lora_stack = None, None
+            return {name: _stack_lora(pieces, dtype) for name, pieces in lora.items()}
+        key = (dtype, tuple((w.data_ptr(), w._version) for w in weights),
+               tuple(s for pieces in lora.values() for per_expert in pieces for _, _, s in per_expert))
+        if key != self._lora_key:
+            with torch.no_grad():
+                self._lora_stack = {name: _stack_lora(pieces, dtype) for name, pieces in lora.items()}
+            self._lora_key = key
+        return self._lora_stack
 
     def forward(self, experts, routed_in: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor | None:
         """All ``experts`` on the expert-sorted rows ``routed_in`` ``[N, H]``; ``None`` = use the loop instead.
@@ -145,7 +167,7 @@ class GroupedExperts:
                 bases.append(pieces[0])
                 lora[name].append(pieces[1])
         dtype = routed_in.dtype
-        stacked = {name: _stack_lora(pieces, dtype) for name, pieces in lora.items()}
+        stacked = self.lora_stacks(lora, dtype)
         if any(v is None for v in stacked.values()):
             _log_fallback_once("experts carry different LoRA adapters or ranks")
             return None

@@ -42,6 +42,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 
 from .configuration import DeepseekOCRConfig
 from .grouped_experts import GroupedExperts
+from .processing import normalize_pixels
 
 # ============================================================================================================
 # SAM-ViT-B (``model.sam_model``)
@@ -642,7 +643,8 @@ class DeepseekOCRModel(DeepseekOCRPreTrainedModel):
         if chunk and pixels.shape[0] > chunk:
             parts = [self._encode_views(pixels[i : i + chunk]) for i in range(0, pixels.shape[0], chunk)]
             return torch.cat([p[0] for p in parts], dim=0), parts[0][1], parts[0][2]
-        pixels = pixels.to(dtype=self.sam_model.patch_embed.proj.weight.dtype)
+        # uint8 from the collator (normalised here, on the device) or already normalised floats.
+        pixels = normalize_pixels(pixels).to(dtype=self.sam_model.patch_embed.proj.weight.dtype)
         sam = self.sam_model(pixels)  # [B, C3, h, w]
         clip = self.vision_model(sam)  # [B, 1 + h*w, C]
         feats = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)

@@ -12,7 +12,8 @@ This module reproduces what ``infer()`` does, pixel for pixel (checked bit-exact
   ``w x h`` tiles of 640 x 640 cut row-major from the image resized (bicubic, aspect lost) to
   ``(640 w, 640 h)``; the grid is the candidate closest in aspect ratio, see ``tile_grid``.
 
-Pixels: uint8 -> ``/ 255`` -> ``(x - 0.5) / 0.5`` in float32, i.e. values in ``[-1, 1]``.
+Pixels: uint8 -> ``/ 255`` -> ``(x - 0.5) / 0.5`` in float32, i.e. values in ``[-1, 1]``. The processor
+hands out the uint8 values; the model applies ``normalize_pixels`` on its device (float input passes).
 
 Image slots per image (the feature rows the model writes into them, in this order): the tiles as one
 ``(n_t h) x (n_t w)`` token grid with a newline slot after each row, then the ``n x n`` global grid with a
@@ -109,18 +110,29 @@ def tile_grid_candidates(min_tiles: int = MIN_TILES, max_tiles: int = MAX_TILES)
 
 
 def _to_pixels(images: list[Image.Image], side: int) -> torch.Tensor:
-    """Stack RGB images of ``side x side`` into float32 ``[N, 3, side, side]`` in ``[-1, 1]``.
+    """Stack RGB images of ``side x side`` into uint8 ``[N, 3, side, side]`` (``normalize_pixels`` maps them).
+
+    The pixels stay uint8 until they reach the model: a quarter of float32's bytes to pin and copy to the
+    GPU, and the same values, since the normalisation is a fixed elementwise map of each byte.
+    """
+    if not images:
+        return torch.zeros((0, 3, side, side), dtype=torch.uint8)
+    hwc = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # [N, H, W, 3]
+    return torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in ``[-1, 1]``, on whatever device they are; float input is returned as is.
 
     Same arithmetic, in the same order and dtype, as torchvision's ``ToTensor`` (uint8 -> float32,
     ``div(255)``) followed by ``Normalize`` (``sub(mean)``, ``div(std)``) in the official transform, so the
-    bits match. All ops are elementwise, so stacking first does not change any value.
+    bits match the official preprocessing (all three ops are correctly rounded float32 operations).
     """
-    if not images:
-        return torch.zeros((0, 3, side, side), dtype=torch.float32)
-    hwc = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # [N, H, W, 3]
-    x = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32)[None, :, None, None]
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32)[None, :, None, None]
+    if pixels.dtype != torch.uint8:
+        return pixels
+    x = pixels.to(torch.float32).div_(255)
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=x.device)[None, :, None, None]
     return x.sub_(mean).div_(std)
 
 
@@ -129,9 +141,9 @@ class DeepseekOCRImageProcessor(ImageProcessor):
 
     Output of ``__call__`` (one image):
 
-    * ``pixel_values``: float32 ``[1, 3, S, S]``, the global view (S = ``base_size`` in crop mode, else
+    * ``pixel_values``: uint8 ``[1, 3, S, S]``, the global view (S = ``base_size`` in crop mode, else
       ``image_size``).
-    * ``pixel_values_local``: float32 ``[P, 3, 640, 640]``, the tiles in row-major order; ``P = 0`` when
+    * ``pixel_values_local``: uint8 ``[P, 3, 640, 640]``, the tiles in row-major order; ``P = 0`` when
       there are none (the official code passes an all-zero ``[1, 3, base, base]`` sentinel instead; the
       model side builds that if it needs it).
     * ``images_spatial_crop``: long ``[1, 2]`` = ``[[width_tiles, height_tiles]]``, ``[[1, 1]]`` without tiles.
