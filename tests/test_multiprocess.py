@@ -177,7 +177,7 @@ def test_two_process_eval_equals_one_process_bitwise(signalled_run, demo_data, t
             tmp_path / "one.log")
     a = eval_before(json.loads((one / "all_results.json").read_text()))
     b = eval_before(logged_evaluation(out / "train.log", "eval_before", ranks=2))
-    assert a["eval_before_target_tokens"] == 20 and "eval_before_cer" in a
+    assert a["eval_before_target_tokens"] > 0 and "eval_before_cer" in a
     assert a == b
 
 
