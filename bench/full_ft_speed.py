@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def _du_gib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
 
 
-def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path, work: Path, quick: bool) -> dict:
+def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path, work: Path, quick: bool,
+        keep: bool = False) -> dict:
     """One ``torchrun --nproc_per_node 1 train_lora.py`` run; returns its figures."""
     out = work / "".join(c if c.isalnum() else "_" for c in name)
     config = REPO / "configs" / ("tiny_cpu.yaml" if quick else "v1_lora_zh.yaml")
@@ -113,6 +115,9 @@ def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path
                final_gib=round(_du_gib(out / "final"), 2) if (out / "final").is_dir() else None)
     log(f"  {row['steady_samples_per_s']} samples/s, peak GPU {row['peak_gpu_gib']} GiB, host {row['peak_host_gib']} GiB, "
         f"checkpoint {row['checkpoint_gib']} GiB saved in {row['save_s']} s")
+    if not keep:  # a full v1 checkpoint is ~36 GB (fp32 weights + AdamW): the next run needs the disk
+        for folder in [*ckpts, out / "final"]:
+            shutil.rmtree(folder, ignore_errors=True)
     return row
 
 
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 14; quick 6)")
     p.add_argument("--only", nargs="*", help="run names to keep (substring match)")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU")
+    p.add_argument("--keep", action="store_true", help="keep each run's checkpoints (default: deleted once measured)")
     a = p.parse_args(argv)
     import torch
 
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if a.quick:
             overrides = [*overrides, "training.use_cpu=true"]
-        result["runs"].append(run(name, overrides, steps, model_dir, Path(a.data).resolve(), work, a.quick))
+        result["runs"].append(run(name, overrides, steps, model_dir, Path(a.data).resolve(), work, a.quick, a.keep))
         (out / "full_ft_speed.json").write_text(json.dumps(result, indent=2))
     (out / "full_ft_speed.json").write_text(json.dumps(result, indent=2))
     (out / "full_ft_speed.md").write_text(render(result))

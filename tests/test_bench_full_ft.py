@@ -15,6 +15,7 @@ def test_full_ft_speed_quick_writes_figures_per_run(demo_data, tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc = full_ft_speed.main(["--quick", "--data", str(demo_data), "--out", str(tmp_path / "out"),
                              "--work", str(tmp_path / "work"), "--only", "LoRA", "ZeRO-3"])
+    assert not list((tmp_path / "work").glob("*/checkpoint-*"))  # measured, then deleted (disk on the GPU box)
     result = json.loads((tmp_path / "out" / "full_ft_speed.json").read_text())
     assert rc == 0, [r.get("error") for r in result["runs"]]
     names = [r["name"] for r in result["runs"]]
