@@ -105,6 +105,8 @@ def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path
     if rc != 0:
         row["error"] = (work / f"{out.name}.log").read_text(errors="replace")[-3000:]
         log(f"  FAILED (rc {rc}), see {work / f'{out.name}.log'}")
+        if not keep:  # a failed save leaves tens of GB behind: the next run would fail for want of disk
+            shutil.rmtree(out, ignore_errors=True)
         return row
     speed = json.loads((out / "speed.json").read_text())
     results = json.loads((out / "all_results.json").read_text())
@@ -115,7 +117,7 @@ def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path
                final_gib=round(_du_gib(out / "final"), 2) if (out / "final").is_dir() else None)
     log(f"  {row['steady_samples_per_s']} samples/s, peak GPU {row['peak_gpu_gib']} GiB, host {row['peak_host_gib']} GiB, "
         f"checkpoint {row['checkpoint_gib']} GiB saved in {row['save_s']} s")
-    if not keep:  # a full v1 checkpoint is ~36 GB (fp32 weights + AdamW): the next run needs the disk
+    if not keep:  # a full v1 DeepSpeed checkpoint is ~50 GB (weights + AdamW state): the next run needs the disk
         for folder in [*ckpts, out / "final"]:
             shutil.rmtree(folder, ignore_errors=True)
     return row
