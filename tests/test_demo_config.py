@@ -22,8 +22,9 @@ def _make_vars() -> dict[str, str]:
 def _demo_recipe() -> list[str]:
     """The commands of the Makefile's ``demo`` target, in order (what ``make -n demo`` would run after setup)."""
     if shutil.which("make"):
-        out = subprocess.run(["make", "-n", "-f", "Makefile", "demo"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout
+        # --no-print-directory: under `make test` MAKEFLAGS makes a nested make print "Leaving directory".
+        out = subprocess.run(["make", "-n", "--no-print-directory", "-f", "Makefile", "demo"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
         # Continuation lines (backslash-newline) belong to the command above them.
         return [c for c in out.replace("\\\n", " ").splitlines() if "$(" not in c and c.strip()]
     pytest.skip("make is not installed")
