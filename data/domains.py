@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -58,6 +57,7 @@ from data.generate import (
     discover_faces,
     font_files,
     renderer_versions,
+    write_generation_json,
 )
 
 DOMAINS = ("receipt", "invoice", "medical", "screenshot")
@@ -701,13 +701,8 @@ def generate_domains(out: str, sizes: dict[str, int], *, seed: int = 0, domains:
         "fonts": {d: [f.name for f in _WORKER.faces[d]] for d in domains},
         "font_files": font_files(all_faces), "renderer": renderer_versions(),
         "tag_counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-        "seconds": round(seconds, 3),
-        "lines_per_s": round(total / seconds, 1) if seconds > 0 else None,
-        "lines_per_s_per_worker": round(total / seconds / workers, 1) if seconds > 0 else None,
     }
-    with open(os.path.join(out, "generation.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, ensure_ascii=False, indent=2)
-    return summary
+    return write_generation_json(out, summary, total=total, seconds=seconds, workers=workers)
 
 
 def sample_grid(path: str, *, per_domain: int = 6, seed: int = 0) -> str:

@@ -578,11 +578,18 @@ def generate(
         # gives other figures from the same seed (README, "Reproducing the demo").
         "font_files": font_files(_WORKER.faces),
         "renderer": renderer_versions(),
-        "seconds": round(seconds, 3),
-        "lines_per_s": round(total / seconds, 1) if seconds > 0 else None,
-        "lines_per_s_per_worker": round(total / seconds / workers, 1) if seconds > 0 else None,
     }
-    # Not under data/: load_dataset(out) only picks up data/{split}-*.parquet.
+    return write_generation_json(out, summary, total=total, seconds=seconds, workers=workers)
+
+
+def write_generation_json(out: str, summary: dict, *, total: int, seconds: float, workers: int) -> dict:
+    """Add the timing (seconds, lines/s overall and per worker) to ``summary`` and write ``generation.json``.
+
+    Not under ``data/``: ``load_dataset(out)`` only picks up ``data/{split}-*.parquet``.
+    """
+    summary = {**summary, "seconds": round(seconds, 3),
+               "lines_per_s": round(total / seconds, 1) if seconds > 0 else None,
+               "lines_per_s_per_worker": round(total / seconds / workers, 1) if seconds > 0 else None}
     with open(os.path.join(out, "generation.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=2)
     return summary

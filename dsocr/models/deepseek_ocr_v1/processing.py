@@ -45,6 +45,9 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 #: ``infer()`` pads with ``tuple(int(x * 255) for x in mean)``: int(127.5) truncates to 127, not 128.
 PAD_COLOR = tuple(int(m * 255) for m in IMAGE_MEAN)
+# The official mean and std are the same for all three channels, so the normalisation takes scalars.
+assert len(set(IMAGE_MEAN)) == 1 and len(set(IMAGE_STD)) == 1, "per-channel mean/std: normalize_pixels needs tensors"
+_MEAN, _STD = IMAGE_MEAN[0], IMAGE_STD[0]
 #: ``dynamic_preprocess`` cuts 640 x 640 tiles whatever the mode's ``image_size`` (it is its default
 #: argument), and ``infer()`` tiles only when the width or the height exceeds 640.
 TILE_SIZE = 640
@@ -130,10 +133,8 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """
     if pixels.dtype != torch.uint8:
         return pixels
-    x = pixels.to(torch.float32).div_(255)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=x.device)[None, :, None, None]
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=x.device)[None, :, None, None]
-    return x.sub_(mean).div_(std)
+    # Scalars, not per-channel tensors: building those on a GPU at every call is a blocking host copy.
+    return pixels.to(torch.float32).div_(255).sub_(_MEAN).div_(_STD)
 
 
 class DeepseekOCRImageProcessor(ImageProcessor):
