@@ -18,12 +18,21 @@ from dsocr.models import FAMILY_NAMES, get_family
 
 
 def make_tiny(family: str, out: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Create (or reuse) the tiny model folder ``out`` for ``family``; returns its path."""
+    """Create (or reuse) the tiny model folder ``out`` for ``family``; returns its path.
+
+    The caller's global RNG state is left as it was: the families seed and draw the random weights
+    with the global generator, and a test that seeds, then builds its config (which makes the tiny
+    model on first use in a session), would otherwise draw its LoRA matrices from a state that depends
+    on which test ran first (two "identical" runs starting from different adapters).
+    """
+    import torch
+
     out = Path(out)
     if (out / "config.json").is_file() and not force:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    get_family(family).make_tiny(out, seed=seed)
+    with torch.random.fork_rng():  # CPU and every visible GPU, restored on exit
+        get_family(family).make_tiny(out, seed=seed)
     return out
 
 
@@ -52,9 +61,10 @@ def make_demo_v1(out: str | Path, seed: int = 0, force: bool = False) -> Path:
     config = tiny_config()
     for key, value in DEMO_V1_GEOMETRY.items():
         setattr(config, key, value)
-    torch.manual_seed(seed)
-    model = DeepseekOCRForCausalLM(config)
-    scale_tiny_output_head(model, seed=seed)
+    with torch.random.fork_rng():  # as make_tiny: the caller's RNG state is left alone
+        torch.manual_seed(seed)
+        model = DeepseekOCRForCausalLM(config)
+        scale_tiny_output_head(model, seed=seed)
     model.save_pretrained(out)
     build_offline_tokenizer().save_pretrained(out)
     return out
