@@ -63,6 +63,12 @@ def prepare_training(loaded) -> int:
     else:
         trainable = unfreeze_parts(loaded, parts)
     upcast_trainable(loaded.model)
+    if cfg.finetune.method == "lora" and not dict(cfg.training).get("deepspeed"):
+        # DeepSpeed re-lays Parameters into its own flat buffers: the family's layout stays PEFT's there.
+        pooled = loaded.family.pool_adapters(loaded.model)
+        if pooled:
+            log.info("%d pooled adapter tensors replace the per-expert LoRA Parameters in training "
+                     "(same adapter file; fewer tensors per optimizer step)", pooled)
     return trainable
 
 

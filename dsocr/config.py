@@ -72,6 +72,10 @@ class ModelConfig:
     # whatever trains is kept in float32 (master weights, fp32 optimizer state) under autocast.
     dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | eager
+    # Let PyTorch's SDPA pick cuDNN's fused attention (its first choice on H100/H200). Off by default: cuDNN
+    # builds an execution plan for every new sequence length (every batch of OCR lines has another), which
+    # costs milliseconds of host time per attention call; the Flash / memory-efficient kernels do not.
+    cudnn_attention: bool = False
     # Same as finetune.train: [vision, projector] (the vision towers + projector trained in full beside
     # the LoRA adapter, saved with it); frozen by default.
     train_vision: bool = False
@@ -386,6 +390,9 @@ def training_arguments(cfg: RunConfig, **extra: Any):
             "transformers.TrainingArguments (e.g. learning_rate, per_device_train_batch_size, save_steps)"
         )
     kwargs.update(output_dir=cfg.output_dir, seed=cfg.seed, remove_unused_columns=False, **extra)
+    # No buffer of either family changes in training (rotary tables only), so DDP need not re-broadcast them
+    # at every forward (v1's pooled expert adapters keep ~4,000 buffer views of their weights).
+    kwargs.setdefault("ddp_broadcast_buffers", False)
 
     try:
         return TrainingArguments(**kwargs)

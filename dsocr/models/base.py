@@ -102,6 +102,14 @@ class ModelFamily(ABC):
         and optionally ``target_parameters``.
         """
 
+    def pool_adapters(self, model: PreTrainedModel) -> int:
+        """Re-lay a freshly wrapped LoRA model's adapter Parameters for training speed; returns how many.
+
+        The adapter's saved names and values must not change (v1 pools its experts' LoRA, see
+        ``deepseek_ocr_v1.grouped_experts.pool_expert_lora``). Default: nothing to do.
+        """
+        return 0
+
     @abstractmethod
     def make_tiny(self, out_dir: Path, seed: int = 0) -> None:
         """Write a tiny random-weight model of this family with the real offline tokenizer.

@@ -124,6 +124,10 @@ class DeepseekOCRv1Family(ModelFamily):
         """``config.image_token_id`` (128815 for the official tokenizer)."""
         return int(model.config.image_token_id)
 
+    def pool_adapters(self, model) -> int:
+        """Pool each MoE layer's expert LoRA into one Parameter per projection (``DeepseekOCRMoE.pool_lora``)."""
+        return sum(m.pool_lora() for m in model.modules() if hasattr(m, "pool_lora"))
+
     def lora_targets(self, model, module_names: list[str]) -> dict[str, Any]:
         """PEFT kwargs: a ``target_modules`` regex restricted to the language model's Linears.
 

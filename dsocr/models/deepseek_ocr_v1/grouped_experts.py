@@ -94,7 +94,8 @@ class GroupedExperts:
     The frozen base weights are stacked once and cached, keyed by each weight's storage pointer and version
     counter (so ``.to()``, loading or in-place merges rebuild it); weights that require grad are stacked
     under autograd every call instead. LoRA A/B of each expert are stacked per call (tiny), so every expert
-    keeps its own ``lora_A``/``lora_B`` Parameters and gets its own gradient.
+    keeps its own ``lora_A``/``lora_B`` Parameters and gets its own gradient; in training they are pooled
+    instead (``pool_expert_lora``: one Parameter per projection, used as it is).
     """
 
     def __init__(self):
@@ -102,6 +103,7 @@ class GroupedExperts:
         self._stack = None
         self._lora_key = None
         self._lora_stack = None
+        self._pooled_cache: dict = {}
 
     def base_stacks(self, gates, ups, downs, dtype):
         """The stacked base weights ``([E, 2I, H] gate+up, [E, H, I] down)`` in ``dtype``, cached while frozen."""
@@ -140,14 +142,18 @@ class GroupedExperts:
             self._lora_key = key
         return self._lora_stack
 
-    def forward(self, experts, routed_in: torch.Tensor, sorted_experts: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, experts, routed_in: torch.Tensor, sorted_experts: torch.Tensor,
+                pool: nn.ParameterDict | None = None) -> torch.Tensor | None:
         """All ``experts`` on the expert-sorted rows ``routed_in`` ``[N, H]``; ``None`` = use the loop instead.
 
         Args:
             experts: The layer's ``nn.ModuleList`` of gated MLPs (possibly PEFT-wrapped projections).
             routed_in: The routed token copies, sorted by expert.
             sorted_experts: The expert index of each row of ``routed_in`` (non-decreasing).
+            pool: The layer's pooled expert adapters (``pool_expert_lora``), if pooled.
         """
+        if pool is not None and len(pool):
+            return self._forward_pooled(experts, routed_in, sorted_experts, pool)
         gates, ups, downs, lora = [], [], [], {"gate": [], "up": [], "down": []}
         for expert in experts:
             if type(expert) is not DeepseekOcr2TextMLP:
@@ -171,6 +177,51 @@ class GroupedExperts:
         if any(v is None for v in stacked.values()):
             _log_fallback_once("experts carry different LoRA adapters or ranks")
             return None
+        return self._run(experts, gates, ups, downs, stacked, routed_in, sorted_experts)
+
+    def _forward_pooled(self, experts, routed_in, sorted_experts, pool: nn.ParameterDict) -> torch.Tensor:
+        """``forward`` with the experts' LoRA A/B read from the layer's pooled Parameters."""
+        gates, ups, downs = [], [], []
+        stacked = {}
+        for proj, bases in (("gate", gates), ("up", ups), ("down", downs)):
+            mods = [getattr(expert, f"{proj}_proj") for expert in experts]
+            if type(mods[0]) is nn.Linear:  # a projection LoRA does not target
+                bases.extend(mods)
+                stacked[proj] = []
+            else:
+                bases.extend(m.base_layer for m in mods)
+                stacked[proj] = self.pooled_stacks(proj, mods[0], pool, routed_in.dtype)
+        return self._run(experts, gates, ups, downs, stacked, routed_in, sorted_experts)
+
+    def pooled_stacks(self, proj: str, first: nn.Module, pool: nn.ParameterDict, dtype: torch.dtype) -> list:
+        """``[(A [E, r, in], B*scaling [E, out, r])]`` of the active adapters of projection ``proj``.
+
+        PEFT's switches are read from the first expert's wrapper (``pool_expert_lora`` pooled only experts
+        whose adapters agree): merged or disabled adapters add no term. Under no_grad the cast stacks are
+        cached (decoding reuses them at every step) until a pooled weight changes.
+        """
+        if getattr(first, "merged", False) or getattr(first, "disable_adapters", False):
+            return []
+        names = [n for n in first.active_adapters if _pool_key(proj, "A", n) in pool]
+        tensors = [pool[_pool_key(proj, part, n)] for n in names for part in ("A", "B")]
+        scalings = [float(first.scaling[n]) for n in names]
+        if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+            # A training forward drops the cache: fused optimizers update in place without bumping the
+            # version counter, so the key below cannot see an optimizer step (every step has a forward first).
+            self._pooled_cache.pop(proj, None)
+            return [(tensors[2 * j].to(dtype), tensors[2 * j + 1].to(dtype) * s) for j, s in enumerate(scalings)]
+        key = (proj, dtype, tuple((t.data_ptr(), t._version) for t in tensors), tuple(scalings))
+        cache = self._pooled_cache.get(proj)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                built = [(tensors[2 * j].to(dtype), tensors[2 * j + 1].to(dtype) * s) for j, s in enumerate(scalings)]
+            cache = self._pooled_cache[proj] = (key, built)
+        return cache[1]
+
+    def _run(self, experts, gates, ups, downs, stacked: dict, routed_in: torch.Tensor,
+             sorted_experts: torch.Tensor) -> torch.Tensor:
+        """The grouped GEMMs: stacked base weights plus the stacked LoRA terms ``stacked[proj]``."""
+        dtype = routed_in.dtype
         n_exp = len(experts)
         inter = gates[0].weight.shape[0]
         w_gate_up, w_down = self.base_stacks(gates, ups, downs, dtype)  # [E, 2I, H], [E, H, I]
@@ -226,3 +277,120 @@ def _stack_lora(pieces_per_expert, dtype):
     return out
 
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pooled expert adapters: one trainable Parameter per projection, not one per expert
+# ------------------------------------------------------------------------------------------------------------
+
+#: Attribute of a pooled MoE block holding its ``nn.ParameterDict`` of pooled adapters. The name has no
+#: ``lora_`` in it: PEFT's adapter state dict (keys with ``lora_``) keeps the per-expert names only.
+POOL_ATTR = "expert_adapter_pool"
+_PARTS = {"A": "lora_A", "B": "lora_B"}
+
+
+def _pool_key(proj: str, part: str, adapter: str) -> str:
+    return f"{proj}_{part}_{adapter}"
+
+
+def _poolable(mods: list[nn.Module]) -> tuple[list[str], str] | tuple[None, str]:
+    """The adapter names of the expert projections ``mods`` if their LoRA can be pooled, else ``(None, why)``."""
+    first = mods[0]
+    names = list(getattr(first, "lora_A", {}) or {})
+    if not names:
+        return None, "some expert projections carry no LoRA"
+    for m in mods:
+        if type(getattr(m, "base_layer", None)) is not nn.Linear or list(m.lora_A) != names:
+            return None, "the experts' projections differ (not all vanilla PEFT LoRA Linear with the same adapters)"
+        if getattr(m, "merged", False) or getattr(m, "disable_adapters", False) or m.base_layer.bias is not None:
+            return None, "merged or disabled adapters, or a bias on the experts"
+        for name in names:
+            if name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False):
+                return None, "DoRA or another LoRA variant"
+            drop = m.lora_dropout[name]
+            if not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)):
+                return None, "lora_dropout > 0 (the grouped path cannot apply a per-expert dropout)"
+            if float(m.scaling[name]) != float(first.scaling[name]):
+                return None, "experts with different LoRA scalings"
+            for attr in _PARTS.values():
+                lin, ref = getattr(m, attr)[name], getattr(first, attr)[name]
+                w = lin.weight
+                if (type(lin) is not nn.Linear or lin.bias is not None or not isinstance(w, nn.Parameter)
+                        or not w.requires_grad or w.shape != ref.weight.shape or w.dtype != ref.weight.dtype
+                        or w.device != ref.weight.device):
+                    return None, "expert adapters that are frozen, already pooled, or of different shapes"
+            if "." in name:
+                return None, f"adapter name {name!r} contains a dot"
+    return names, ""
+
+
+def pool_expert_lora(moe: nn.Module) -> int:
+    """Make the experts' LoRA A/B of the MoE block ``moe`` one trainable Parameter per projection and adapter.
+
+    PEFT gives each routed expert its own A and B per projection: 64 experts x 3 projections x 2 = 384
+    Parameters per layer, ~4,200 in v1. Each costs host time every optimizer step (its own gradient
+    accumulation and unbind in the stack's backward, an entry in the gradient-norm and fused AdamW lists):
+    a fixed cost that dominates a step at the small batches a user's card allows. Pooled, the leaves are
+    ``A [E, r, in]`` and ``B [E, out, r]`` per projection (6 per layer), and the grouped GEMMs use them as
+    they are (no per-call stacking).
+
+    Nothing else changes: each expert's ``lora_A/lora_B[adapter].weight`` stays in place, as a buffer that
+    is a view of its slice of the pool, so the state dict (PEFT's adapter file, checkpoints), loading (a copy
+    into the views is a copy into the pool) and PEFT's merge see the same names and values as before; only
+    the gradients live on the pool. The views are re-pointed before every state-dict read or load, in case
+    the pool got new storage (a device or dtype move). Training only: loading an adapter for evaluation or
+    export keeps PEFT's own layout.
+
+    Returns:
+        The number of pooled tensors (0 = left as it is: the block has no poolable LoRA; the reason is logged).
+    """
+    if getattr(moe, POOL_ATTR, None) is not None:
+        return 0
+    pool = nn.ParameterDict()
+    plan = []
+    for proj in ("gate", "up", "down"):
+        mods = [getattr(expert, f"{proj}_proj") for expert in moe.experts]
+        if all(type(m) is nn.Linear for m in mods):
+            continue  # LoRA does not target this projection
+        names, why = _poolable(mods)
+        if names is None:
+            _log_fallback_once(f"expert adapters not pooled: {why}")
+            return 0
+        plan.append((proj, mods, names))
+    if not plan or any(type(expert) is not DeepseekOcr2TextMLP for expert in moe.experts):
+        return 0
+    for proj, mods, names in plan:
+        for name in names:
+            for part, attr in _PARTS.items():
+                lins = [getattr(m, attr)[name] for m in mods]
+                pool[_pool_key(proj, part, name)] = nn.Parameter(torch.stack([lin.weight.detach() for lin in lins]))
+                for lin in lins:
+                    del lin._parameters["weight"]
+                    lin.register_buffer("weight", None)
+    setattr(moe, POOL_ATTR, pool)
+    _repoint_views(moe)
+    moe.register_state_dict_pre_hook(lambda module, prefix, keep_vars: _repoint_views(module))
+    moe.register_load_state_dict_pre_hook(lambda module, *args: _repoint_views(module))
+    return len(pool)
+
+
+def _repoint_views(moe: nn.Module) -> None:
+    """Each expert's ``lora_A/B[adapter].weight`` buffer := the view of its slice of the pooled Parameter."""
+    for key, stacked in getattr(moe, POOL_ATTR).items():
+        proj, part, name = key.split("_", 2)
+        flat = stacked.detach()
+        for e, expert in enumerate(moe.experts):
+            lin = getattr(getattr(expert, f"{proj}_proj"), _PARTS[part])[name]
+            current = lin._buffers.get("weight")
+            if current is None or current.data_ptr() != flat[e].data_ptr() or current.dtype != flat.dtype:
+                lin._buffers["weight"] = flat[e]
+
+
+def repoint_if_moved(moe: nn.Module) -> None:
+    """``_repoint_views`` when the pool has new storage (checked on one view: all move together)."""
+    pool = getattr(moe, POOL_ATTR)
+    key, stacked = next(iter(pool.items()))
+    proj, part, name = key.split("_", 2)
+    view = getattr(getattr(moe.experts[0], f"{proj}_proj"), _PARTS[part])[name]._buffers.get("weight")
+    if view is None or view.data_ptr() != stacked.data_ptr() or view.dtype != stacked.dtype:
+        _repoint_views(moe)

@@ -41,7 +41,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 
 from .configuration import DeepseekOCRConfig
-from .grouped_experts import GroupedExperts
+from .grouped_experts import POOL_ATTR, GroupedExperts, pool_expert_lora, repoint_if_moved
 from .processing import normalize_pixels
 
 # ============================================================================================================
@@ -454,6 +454,16 @@ class DeepseekOCRMoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self._grouped = GroupedExperts()  # plain attribute: never in the state dict
 
+    def pool_lora(self) -> int:
+        """Pool the experts' LoRA A/B into one Parameter per projection (``grouped_experts.pool_expert_lora``).
+
+        Only for the grouped implementation (the loop calls PEFT's per-expert modules); returns the number of
+        pooled tensors, 0 if nothing was pooled.
+        """
+        if getattr(self.config, "moe_implementation", "grouped") != "grouped":
+            return 0
+        return pool_expert_lora(self)
+
     def _balancing_loss(self, topk_idx: torch.Tensor, scores: torch.Tensor, batch: int) -> torch.Tensor:
         # DeepSeek-V2's load-balancing loss (over all positions, padding included, as the official code).
         n_exp, k = scores.shape[-1], self.top_k
@@ -478,8 +488,14 @@ class DeepseekOCRMoE(nn.Module):
         token_of = order // self.top_k
         routed_in = x[token_of]
         expert_out = None
+        pool = getattr(self, POOL_ATTR, None)
+        if pool is not None:
+            repoint_if_moved(self)  # after a device/dtype move the saved views must follow the pool
         if getattr(self.config, "moe_implementation", "grouped") == "grouped":
-            expert_out = self._grouped.forward(self.experts, routed_in, flat_idx[order])
+            expert_out = self._grouped.forward(self.experts, routed_in, flat_idx[order], pool)
+        elif pool is not None:
+            raise RuntimeError("moe_implementation='loop' on a model whose expert adapters are pooled for training "
+                               "(their per-expert weights are views without gradients): set it before training starts")
         if expert_out is None:
             counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
             outs = []
