@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model folder (default: a random full-size v1 made in --work)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 14; quick 6)")
     p.add_argument("--only", nargs="*", help="run names to keep (substring match)")
+    p.add_argument("--exact", action="store_true", help="--only names must match whole run names")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU")
     p.add_argument("--keep", action="store_true", help="keep each run's checkpoints (default: deleted once measured)")
     a = p.parse_args(argv)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.quick else "cpu",
               "torch": torch.__version__, "deepspeed": ds_version, "runs": []}
     steps = a.steps or (6 if a.quick else 14)
-    suite = [s for s in SUITE if not a.only or any(o in s[0] for o in a.only)]
+    suite = [s for s in SUITE if not a.only or any(o == s[0] or (not a.exact and o in s[0]) for o in a.only)]
     for name, overrides, needs_ds in suite:
         if needs_ds and ds_version is None:
             result["runs"].append({"name": name, "skipped": "deepspeed not installed"})
