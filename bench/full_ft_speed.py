@@ -80,6 +80,8 @@ def _du_gib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
 
 
+# One checkpoint per run, at its last step: a full v1 DeepSpeed checkpoint (weights + fp32 master + AdamW
+# moments, ~47 GB) fits a 64 GB disk once, not twice (HF writes the next one before deleting the last).
 def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path, work: Path, quick: bool,
         keep: bool = False) -> dict:
     """One ``torchrun --nproc_per_node 1 train_lora.py`` run; returns its figures."""
@@ -87,7 +89,7 @@ def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path
     config = REPO / "configs" / ("tiny_cpu.yaml" if quick else "v1_lora_zh.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_free_port()),
            str(REPO / "train" / "train_lora.py"), "--config", str(config), f"model.name_or_path={model_dir}",
-           f"data.dataset={data}", f"output_dir={out}", f"training.max_steps={steps}", f"training.save_steps={steps - 2}",
+           f"data.dataset={data}", f"output_dir={out}", f"training.max_steps={steps}", f"training.save_steps={steps}",
            "training.eval_strategy=no", "training.report_to=[]", "training.logging_steps=5",
            "training.save_total_limit=1", *(QUICK_RUN if quick else GPU_RUN), *overrides]
     log(f"{name}: {' '.join(overrides) or '(LoRA as shipped)'}")
