@@ -67,8 +67,9 @@ def load_base(cfg: RunConfig, device: torch.device | None = None) -> Loaded:
         raise CheckpointError(problem)
     family = get_family(cfg.model.family)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    cudnn_attention = cfg.model.cudnn_attention
     if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)  # process-wide: see ModelConfig
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)  # process-wide: see ModelConfig
     tokenizer = family.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     model = family.load_model(
         cfg.model.name_or_path, cfg.model.revision, dtype=dtype, attn_implementation=cfg.model.attn_implementation

@@ -161,3 +161,9 @@ def test_cli_misspelled_key_fails_fast():
     assert "unknown key 'lora.rnak'" in proc.stderr
     assert "valid keys in lora: r, alpha, dropout, target_modules" in proc.stderr
     assert elapsed < 5.0, f"config error took {elapsed:.1f} s"
+
+
+def test_ddp_does_not_rebroadcast_buffers_unless_asked(tiny_cfg):
+    """v1's pooled expert adapters keep ~4,000 buffer views: DDP must not re-broadcast buffers every forward."""
+    assert training_arguments(tiny_cfg("deepseek_ocr_v1")).ddp_broadcast_buffers is False
+    assert training_arguments(tiny_cfg("deepseek_ocr_v1", "training.ddp_broadcast_buffers=true")).ddp_broadcast_buffers is True
