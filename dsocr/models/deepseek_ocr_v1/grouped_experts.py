@@ -205,17 +205,19 @@ class GroupedExperts:
         names = [n for n in first.active_adapters if _pool_key(proj, "A", n) in pool]
         tensors = [pool[_pool_key(proj, part, n)] for n in names for part in ("A", "B")]
         scalings = [float(first.scaling[n]) for n in names]
+        def build():
+            return [(tensors[2 * j].to(dtype), tensors[2 * j + 1].to(dtype) * s) for j, s in enumerate(scalings)]
+
         if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
             # A training forward drops the cache: fused optimizers update in place without bumping the
             # version counter, so the key below cannot see an optimizer step (every step has a forward first).
             self._pooled_cache.pop(proj, None)
-            return [(tensors[2 * j].to(dtype), tensors[2 * j + 1].to(dtype) * s) for j, s in enumerate(scalings)]
+            return build()
         key = (proj, dtype, tuple((t.data_ptr(), t._version) for t in tensors), tuple(scalings))
         cache = self._pooled_cache.get(proj)
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                built = [(tensors[2 * j].to(dtype), tensors[2 * j + 1].to(dtype) * s) for j, s in enumerate(scalings)]
-            cache = self._pooled_cache[proj] = (key, built)
+                cache = self._pooled_cache[proj] = (key, build())
         return cache[1]
 
     def _run(self, experts, gates, ups, downs, stacked: dict, routed_in: torch.Tensor,
@@ -319,8 +321,9 @@ def _poolable(mods: list[nn.Module]) -> tuple[list[str], str] | tuple[None, str]
                         or not w.requires_grad or w.shape != ref.weight.shape or w.dtype != ref.weight.dtype
                         or w.device != ref.weight.device):
                     return None, "expert adapters that are frozen, already pooled, or of different shapes"
-            if "." in name:
-                return None, f"adapter name {name!r} contains a dot"
+    dotted = [name for name in names if "." in name]
+    if dotted:
+        return None, f"adapter name {dotted[0]!r} contains a dot"
     return names, ""
 
 
@@ -374,23 +377,28 @@ def pool_expert_lora(moe: nn.Module) -> int:
     return len(pool)
 
 
+def _view_holder(moe: nn.Module, key: str, expert: int) -> nn.Module:
+    """The ``lora_A/B[adapter]`` Linear of ``expert`` whose weight is a view of pool entry ``key``."""
+    proj, part, name = key.split("_", 2)
+    return getattr(getattr(moe.experts[expert], f"{proj}_proj"), _PARTS[part])[name]
+
+
+def _is_view_of(view: torch.Tensor | None, stacked: torch.Tensor, expert: int) -> bool:
+    return view is not None and view.data_ptr() == stacked[expert].data_ptr() and view.dtype == stacked.dtype
+
+
 def _repoint_views(moe: nn.Module) -> None:
     """Each expert's ``lora_A/B[adapter].weight`` buffer := the view of its slice of the pooled Parameter."""
     for key, stacked in getattr(moe, POOL_ATTR).items():
-        proj, part, name = key.split("_", 2)
         flat = stacked.detach()
-        for e, expert in enumerate(moe.experts):
-            lin = getattr(getattr(expert, f"{proj}_proj"), _PARTS[part])[name]
-            current = lin._buffers.get("weight")
-            if current is None or current.data_ptr() != flat[e].data_ptr() or current.dtype != flat.dtype:
+        for e in range(len(moe.experts)):
+            lin = _view_holder(moe, key, e)
+            if not _is_view_of(lin._buffers.get("weight"), flat, e):
                 lin._buffers["weight"] = flat[e]
 
 
 def repoint_if_moved(moe: nn.Module) -> None:
     """``_repoint_views`` when the pool has new storage (checked on one view: all move together)."""
-    pool = getattr(moe, POOL_ATTR)
-    key, stacked = next(iter(pool.items()))
-    proj, part, name = key.split("_", 2)
-    view = getattr(getattr(moe.experts[0], f"{proj}_proj"), _PARTS[part])[name]._buffers.get("weight")
-    if view is None or view.data_ptr() != stacked.data_ptr() or view.dtype != stacked.dtype:
+    key, stacked = next(iter(getattr(moe, POOL_ATTR).items()))
+    if not _is_view_of(_view_holder(moe, key, 0)._buffers.get("weight"), stacked.detach(), 0):
         _repoint_views(moe)
