@@ -23,6 +23,9 @@ Robustness (dsocr/checkpointing.py has the mechanics), by a public callback and 
 * ``_save_rng_state`` / ``_load_rng_state``: one file per rank (``rng_state_R.pth``) holding this rank's
   own generators only (HF stores every visible GPU's CUDA state in each rank's file and touches them all).
 * ``train``: installs the signal handlers for its duration only, and removes leftovers of killed saves.
+* ``training_step`` / ``floating_point_ops`` (public): the per-step walks of the module tree (``train()``,
+  ``zero_grad()``, ``parameters()``, the FLOP count's ``num_parameters``) done once per run
+  (``dsocr/tree_walks.py``: tens of ms per step with LoRA on v1's experts).
 
 Exact resume: HF already restores adapter, optimizer, scheduler and RNG and skips the consumed batches
 (saves happen only at optimizer-step boundaries, so the gradient-accumulation position is always 0).
@@ -40,6 +43,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +66,7 @@ from dsocr.generation import (
 )
 from dsocr.metrics import NormalizeConfig, perplexity, score_lines
 from dsocr.speed import SpeedMeter
+from dsocr.tree_walks import FixedTree
 
 log = logging.getLogger(__name__)
 __all__ = ["OCRTrainer"]
@@ -122,6 +127,9 @@ class OCRTrainer(Trainer):
         self.last_checkpoint: str | None = None
         self._signals: StopOnSignal | None = None
         self._stop_signal = 0  # the signal number agreed over all ranks at a step end (0 = none)
+        self._walks: ExitStack | None = None  # holds the FixedTree of the model being stepped, in train()
+        self._fixed_tree: FixedTree | None = None
+        self._flop_params: int | None = None
 
     # ---------------------------------------------------------------- train: signals and leftovers
 
@@ -132,15 +140,37 @@ class OCRTrainer(Trainer):
         self.stopped_by = None
         self._stop_signal = 0
         try:
-            with StopOnSignal() as self._signals:
+            with StopOnSignal() as self._signals, ExitStack() as self._walks:
                 out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             if self._stop_signal and self.state.global_step < self.state.max_steps:
                 # A signal at the last step changes nothing. The agreed number, not this rank's own: a rank
                 # that saw no signal stopped too and must exit 75 like the one that did.
                 self.stopped_by = signal.Signals(self._stop_signal).name
         finally:
-            self._signals = None
+            self._signals, self._walks, self._fixed_tree = None, None, None
         return out
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """HF's step; the first one fixes the stepped model's tree walks for the rest of ``train()``.
+
+        Not under DeepSpeed (its engine brings its own ``train``/``zero_grad``). Taken at the first step,
+        not in ``train()``: the model stepped is the one HF has wrapped (DDP) by then.
+        """
+        if self._fixed_tree is None and self._walks is not None and not self.is_deepspeed_enabled:
+            self._fixed_tree = self._walks.enter_context(FixedTree(model))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        """HF's estimate (6 x input tokens x non-embedding parameters), the parameter count taken once.
+
+        HF counts the parameters for every micro-batch: two walks of the module tree each time.
+        """
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flop_params is None:
+            self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flop_params
 
     # ---------------------------------------------------------------- atomic checkpoints
 
