@@ -229,6 +229,27 @@ def test_loss_shift_num_items_and_train_eval_equal(tiny_dir):
         torch.testing.assert_close(with_aux.loss, out.loss + with_aux.aux_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_forward_walks_no_module_tree(tiny_dir, monkeypatch):
+    """With LoRA on the experts the tree holds ~26,000 modules: a forward (every decoding step) must not
+    walk it, the balancing loss included (its MoE blocks are found through the layers)."""
+    model = _tiny_model(tiny_dir)
+    model.config.add_aux_loss = True
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **FAMILY.lora_targets(model, SEVEN))).train()
+    inputs, ids, labels = _image_sample(model)
+    pix = FAMILY.collate_images([inputs])
+    walks = []
+    original = torch.nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counted)  # modules() goes through it too
+    out = peft_model(input_ids=ids, labels=labels, **pix)
+    assert out.aux_loss > 0
+    assert walks == []
+
+
 # ------------------------------------------------------------------------------------------------- batching
 
 
