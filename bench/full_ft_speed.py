@@ -58,22 +58,27 @@ def _free_port() -> int:
 
 
 def _peak_rss(pid: int, stop: threading.Event, out: list[float]) -> None:
-    """Peak summed RSS (GiB) of ``pid`` and its children until ``stop``."""
+    """Peak summed RSS and PSS (GiB) of ``pid`` and its children until ``stop``: ``out`` gets ``[rss, pss]``.
+
+    Summed RSS counts the pages forked DataLoader workers share with the rank once per process (an upper
+    bound); PSS splits each shared page between the processes mapping it, so its sum is the tree's real share.
+    """
     import psutil
 
-    peak = 0.0
+    peak_rss = peak_pss = 0.0
     try:
         root = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return
     while not stop.is_set():
         try:
-            procs = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**30)
+            procs = [p for p in [root, *root.children(recursive=True)] if p.is_running()]
+            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in procs) / 2**30)
+            peak_pss = max(peak_pss, sum(getattr(p.memory_full_info(), "pss", 0) for p in procs) / 2**30)
         except psutil.Error:
             pass
         stop.wait(0.2)
-    out.append(peak)
+    out.extend([peak_rss, peak_pss])
 
 
 def _du_gib(path: Path) -> float:
@@ -103,7 +108,8 @@ def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path
         stop.set()
         watcher.join()
     wall = time.perf_counter() - t0
-    row = {"name": name, "overrides": overrides, "wall_s": round(wall, 1), "peak_host_gib": round(rss[0], 2) if rss else None}
+    row = {"name": name, "overrides": overrides, "wall_s": round(wall, 1), "peak_host_gib": round(rss[0], 2) if rss else None,
+           "peak_host_pss_gib": round(rss[1], 2) if rss else None}
     if rc != 0:
         row["error"] = (work / f"{out.name}.log").read_text(errors="replace")[-3000:]
         log(f"  FAILED (rc {rc}), see {work / f'{out.name}.log'}")
@@ -129,14 +135,14 @@ def render(result: dict) -> str:
     """Markdown table of the runs."""
     lines = [f"Full fine-tuning through train_lora.py, 1 rank, {result['device']} (torch {result['torch']}, "
              f"deepspeed {result['deepspeed'] or 'not installed'})", "",
-             "| run | samples/s | peak GPU GiB | peak host GiB | checkpoint GiB | save s | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | samples/s | peak GPU GiB | peak host GiB (RSS sum) | peak host GiB (PSS sum) | checkpoint GiB | save s | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['name']} | {r.get('skipped') or 'failed'} | | | | | {r.get('wall_s', '')} |")
+            lines.append(f"| {r['name']} | {r.get('skipped') or 'failed'} | | | | | | {r.get('wall_s', '')} |")
             continue
         lines.append(f"| {r['name']} | {r['steady_samples_per_s']} | {r['peak_gpu_gib']} | {r['peak_host_gib']} | "
-                     f"{r['checkpoint_gib']} | {', '.join(str(s) for s in r['save_s'] or [])} | {r['wall_s']} |")
+                     f"{r.get('peak_host_pss_gib')} | {r['checkpoint_gib']} | {', '.join(str(s) for s in r['save_s'] or [])} | {r['wall_s']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ def test_full_ft_speed_quick_writes_figures_per_run(demo_data, tmp_path, monkeyp
     assert names == ["LoRA (reference)", "full, ZeRO-3", "full, ZeRO-3 + CPU offload"]
     for row in result["runs"]:
         assert row["peak_host_gib"] > 0 and row["checkpoint_gib"] > 0 and len(row["save_s"]) == 2
+        assert 0 < row["peak_host_pss_gib"] <= row["peak_host_gib"]  # PSS splits the shared pages
     lora, zero3 = result["runs"][0], result["runs"][1]
     assert zero3["final_gib"] > 10 * lora["final_gib"]  # a whole model (gathered 16-bit weights), not an adapter
     assert "| full, ZeRO-3 |" in (tmp_path / "out" / "full_ft_speed.md").read_text()
