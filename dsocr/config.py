@@ -72,10 +72,11 @@ class ModelConfig:
     # whatever trains is kept in float32 (master weights, fp32 optimizer state) under autocast.
     dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | eager
-    # Let PyTorch's SDPA pick cuDNN's fused attention (its first choice on H100/H200). false = Flash /
-    # memory-efficient kernels only: cuDNN builds an execution plan per new sequence length (milliseconds of
-    # host time per call), yet on one H200 the shipped config ran 7% faster with it (README, speed).
-    cudnn_attention: bool = True
+    # Let PyTorch's SDPA pick cuDNN's fused attention (its first choice on H100/H200). Off by default: on one
+    # H200 through train_lora.py every layout ran faster without it (Gundam 64 x 1: 81.1 vs 47.8 samples/s,
+    # the shipped 8 x 1: 36.8 vs 31.0, Tiny 128: 312.8 vs 288.9; README, speed). cuDNN builds an execution
+    # plan for each new shape, and OCR batches bring a new sequence length nearly every step.
+    cudnn_attention: bool = False
     # Same as finetune.train: [vision, projector] (the vision towers + projector trained in full beside
     # the LoRA adapter, saved with it); frozen by default.
     train_vision: bool = False

@@ -167,3 +167,10 @@ def test_ddp_does_not_rebroadcast_buffers_unless_asked(tiny_cfg):
     """v1's pooled expert adapters keep ~4,000 buffer views: DDP must not re-broadcast buffers every forward."""
     assert training_arguments(tiny_cfg("deepseek_ocr_v1")).ddp_broadcast_buffers is False
     assert training_arguments(tiny_cfg("deepseek_ocr_v1", "training.ddp_broadcast_buffers=true")).ddp_broadcast_buffers is True
+
+
+def test_shipped_gpu_configs_leave_cudnn_attention_off():
+    """cuDNN's SDPA plans each new shape: slower on every measured layout (dsocr/config.py, ModelConfig)."""
+    for name in ("v1_lora_zh.yaml", "ocr2_lora_zh.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.model.cudnn_attention is False, name
