@@ -9,6 +9,7 @@ and resumes bit for bit. GPU tier: fp16 mixed precision (loss scaling, LoRA weig
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -175,6 +176,8 @@ def test_full_finetuning_memorises_lines_and_resumes_exactly(tiny_cfg, tmp_path)
 @pytest.mark.gpu
 def test_fp16_lora_trains_with_loss_scaling_and_float32_adapter(tiny_cfg, tmp_path):
     """model.dtype=float16 + training.fp16: the adapter is float32, the GradScaler state is checkpointed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (fp16 mixed precision is a GPU mode)")
     from train import train_lora
 
     out = tmp_path / "fp16"
@@ -185,8 +188,9 @@ def test_fp16_lora_trains_with_loss_scaling_and_float32_adapter(tiny_cfg, tmp_pa
                    f"output_dir={out}")
     metrics = train_lora.main(cfg)
     losses = [e["loss"] for e in json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-    assert all(torch.isfinite(torch.tensor(x)) for x in losses) and losses[-1] < losses[0], losses
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0], losses
     assert (out / "checkpoint-20" / "scaler.pt").is_file()  # loss scaling was on and is resumed
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
     assert {t.dtype for t in adapter.values()} == {torch.float32}
-    assert metrics["eval_loss"] == metrics["eval_loss"]  # not NaN
+    assert math.isfinite(metrics["eval_loss"]), metrics["eval_loss"]

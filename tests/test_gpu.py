@@ -8,6 +8,7 @@ checkpoint with bf16 weights (no autocast: the path that crashed OCR-2 with floa
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def _cuda():
 def test_bf16_train_evaluate_checkpoint_on_cuda(family, tiny_cfg, tmp_path):
     metrics = train_lora.main(tiny_cfg(family, *GPU))
     for key in ("eval_before_cer", "eval_cer", "eval_perplexity"):
-        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+        assert key in metrics, key
+        assert math.isfinite(metrics[key]), (key, metrics[key])
     assert metrics["peak_gpu_gib"] > 0
     ckpt = tmp_path / "run" / "checkpoint-4"
     state = json.loads((ckpt / "trainer_state.json").read_text())
