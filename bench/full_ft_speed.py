@@ -108,7 +108,9 @@ def run(name: str, overrides: list[str], steps: int, model_dir: Path, data: Path
         stop.set()
         watcher.join()
     wall = time.perf_counter() - t0
-    row = {"name": name, "overrides": overrides, "wall_s": round(wall, 1), "peak_host_gib": round(rss[0], 2) if rss else None,
+    # Paths relative to the repo in the results: they are committed, and name no machine's folders.
+    shown = [o.replace(f"{REPO}{os.sep}", "") for o in overrides]
+    row = {"name": name, "overrides": shown, "wall_s": round(wall, 1), "peak_host_gib": round(rss[0], 2) if rss else None,
            "peak_host_pss_gib": round(rss[1], 2) if rss else None}
     if rc != 0:
         row["error"] = (work / f"{out.name}.log").read_text(errors="replace")[-3000:]
