@@ -77,6 +77,10 @@ class ModelConfig:
     # the shipped 8 x 1: 36.8 vs 31.0, Tiny 128: 312.8 vs 288.9; README, speed). cuDNN builds an execution
     # plan for each new shape, and OCR batches bring a new sequence length nearly every step.
     cudnn_attention: bool = False
+    # v1 only: SAM's attention through FlexAttention (compiled at the first forward, then reused) on CUDA
+    # wherever no gradient flows through the vision towers (frozen vision, evaluation, prediction), instead of
+    # the SDPA call with the relative-position bias folded into 128 extra head columns (README, speed).
+    flex_vision_attention: bool = False
     # Same as finetune.train: [vision, projector] (the vision towers + projector trained in full beside
     # the LoRA adapter, saved with it); frozen by default.
     train_vision: bool = False

@@ -6,6 +6,7 @@ Used by ``eval_ppl.py``, ``eval_cer.py`` and the evaluation inside training (``d
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -129,7 +130,8 @@ def decode_continuations(tokenizer, sequences: torch.Tensor, prompt_width: int) 
 
 @torch.no_grad()
 def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence, settings: GenerationSettings,
-                     device: torch.device, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+                     device: torch.device, progress: bool = True, shard: tuple[int, int] = (0, 1),
+                     timings: dict[str, float] | None = None) -> list[dict]:
     """Greedy transcription of ``records`` in left-padded batches with a KV cache.
 
     Records are sorted by prompt length (image-slot count varies with the image) so batches carry little
@@ -141,7 +143,9 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
         chosen tokens, EOS included (the stop decision is part of the answer), pads after it excluded;
         ``None`` when nothing was generated. See ``GreedyTokenLogProbs``. With ``shard=(rank, world)`` only
         the batches ``rank, rank + world, ...`` (of the length-sorted order, so the batches are those of
-        one process) are generated; the other records' entries are ``None``.
+        one process) are generated; the other records' entries are ``None``. ``timings``, if given, receives
+        host-clock seconds: ``wait_s`` (waiting for preprocessed batches), ``generate_s`` (copy to the device
+        and ``generate``, synchronised by its results), ``post_s`` (decoding the answers).
     """
     # Skipped (bad) records were already counted and logged by the dataset; score the rest.
     records = [r for r in records if r is not None]
@@ -165,7 +169,11 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
         _GenerationBatches(gen_collator, records, batches), batch_size=None, shuffle=False, num_workers=workers,
         prefetch_factor=2 if workers else None, pin_memory=device.type == "cuda",
     )
+    clock = {"wait_s": 0.0, "generate_s": 0.0, "post_s": 0.0}
+    mark = time.perf_counter()
     for idx, batch, ids, refs in tqdm(loader, total=len(batches), desc="generate", disable=not progress):
+        now = time.perf_counter()
+        clock["wait_s"] += now - mark
         width = batch["input_ids"].shape[1]
         batch = batch_to(batch, device, dtype)
         recorder = GreedyTokenLogProbs()
@@ -175,12 +183,20 @@ def generate_batched(model, collator: DeepSeekOCRDataCollator, records: Sequence
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             logits_processor=LogitsProcessorList([recorder]),
         )
-        hyps = decode_continuations(tokenizer, out.cpu(), width)
+        out = out.cpu()  # waits for the device: the generate time ends here
+        mark = time.perf_counter()
+        clock["generate_s"] += mark - now
+        hyps = decode_continuations(tokenizer, out, width)
         new_tokens = (out[:, width:] != tokenizer.pad_token_id).sum(1).tolist()
         confidences = recorder.confidences(out[:, width:], tokenizer.eos_token_id)
         for i, rid, ref, hyp, n, (c_mean, c_min) in zip(idx, ids, refs, hyps, new_tokens, confidences):
             results[i] = {"id": rid, "reference": ref, "hypothesis": hyp, "new_tokens": int(n),
                           "confidence_mean": c_mean, "confidence_min": c_min}
+        now = time.perf_counter()
+        clock["post_s"] += now - mark
+        mark = now
+    if timings is not None:
+        timings.update({k: round(v, 3) for k, v in clock.items()})
     model.train(was_training)
     return results  # type: ignore[return-value]
 

@@ -74,6 +74,13 @@ def load_base(cfg: RunConfig, device: torch.device | None = None) -> Loaded:
     model = family.load_model(
         cfg.model.name_or_path, cfg.model.revision, dtype=dtype, attn_implementation=cfg.model.attn_implementation
     )
+    if cfg.model.flex_vision_attention:
+        switched = [m for m in model.modules() if hasattr(m, "use_flex")]
+        if not switched:
+            raise ValueError(f"model.flex_vision_attention is not supported by family {family.name!r} (v1's SAM "
+                             "only); set it to false")
+        for m in switched:
+            m.use_flex = True
     if cfg.model.train_vision and not family.vision_module_names:
         raise ValueError(f"model.train_vision is not supported by family {family.name!r}; set it to false")
     if dtype == torch.float16 and not torch.cuda.is_available():

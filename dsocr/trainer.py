@@ -66,6 +66,7 @@ from dsocr.generation import (
 )
 from dsocr.metrics import NormalizeConfig, perplexity, score_lines
 from dsocr.speed import SpeedMeter
+from dsocr.mixed_precision import LoraInputCasts
 from dsocr.tree_walks import FixedTree
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class OCRTrainer(Trainer):
         self._stop_signal = 0  # the signal number agreed over all ranks at a step end (0 = none)
         self._walks: ExitStack | None = None  # holds the FixedTree of the model being stepped, in train()
         self._fixed_tree: FixedTree | None = None
+        self._lora_casts: LoraInputCasts | None = None  # PEFT's LoRA input casts, off inside a training step
         self._flop_params: int | None = None
 
     # ---------------------------------------------------------------- train: signals and leftovers
@@ -147,7 +149,7 @@ class OCRTrainer(Trainer):
                 # that saw no signal stopped too and must exit 75 like the one that did.
                 self.stopped_by = signal.Signals(self._stop_signal).name
         finally:
-            self._signals, self._walks, self._fixed_tree = None, None, None
+            self._signals, self._walks, self._fixed_tree, self._lora_casts = None, None, None, None
         return out
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -158,7 +160,14 @@ class OCRTrainer(Trainer):
         """
         if self._fixed_tree is None and self._walks is not None and not self.is_deepspeed_enabled:
             self._fixed_tree = self._walks.enter_context(FixedTree(model))
-        return super().training_step(model, inputs, num_items_in_batch)
+            # Under autocast (accelerate wraps the forward when native_amp) PEFT's cast of every LoRA input to
+            # the float32 adapter dtype is an exact round trip: off for the step (dsocr/mixed_precision.py).
+            if getattr(self.accelerator, "native_amp", False):
+                self._lora_casts = LoraInputCasts(model)
+        if self._lora_casts is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self._lora_casts:
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def floating_point_ops(self, inputs) -> int:
         """HF's estimate (6 x input tokens x non-embedding parameters), the parameter count taken once.

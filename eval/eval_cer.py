@@ -206,14 +206,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
         # ---------------------------------------------- generate and score
         start = time.perf_counter()
-        preds = generate_batched(model, collator, records, settings, device)
+        timings: dict[str, float] = {}
+        preds = generate_batched(model, collator, records, settings, device, timings=timings)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         extra = {"name": name, "ckpt": str(ckpt), "family": family.name, "image_mode": mode, "instruction": instruction,
                  "split": ev.split, "dataset": shared.data.dataset, "batch_size": settings.batch_size,
                  "max_new_tokens": settings.max_new_tokens, "no_repeat_ngram_size": settings.no_repeat_ngram_size,
-                 "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds, "device": str(device)}
+                 "seconds": round(seconds, 3), "lines_per_s": len(preds) / seconds, "device": str(device),
+                 "timings": timings}
         out_dir = out_root if single else out_root / name
         corpus, per_line = score_and_write(name, preds, shared, out_dir, extra, instruction=instruction,
                                              tags=tags)

@@ -103,6 +103,37 @@ def _attention_with_folded_bias(q, k, v, rel_h, rel_w) -> torch.Tensor:
     return F.scaled_dot_product_attention(q2, k2, v, scale=scale)
 
 
+_FLEX_ATTENTION = None
+
+
+def _compiled_flex_attention():
+    """``flex_attention`` compiled once per process (Triton kernels; eager flex would materialise the scores)."""
+    global _FLEX_ATTENTION
+    if _FLEX_ATTENTION is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX_ATTENTION = torch.compile(flex_attention)
+    return _FLEX_ATTENTION
+
+
+def _attention_flex(q, k, v, rel_h, rel_w) -> torch.Tensor:
+    """The same biased attention as ``_attention_with_folded_bias`` through FlexAttention, at head width ``d``.
+
+    The folded form pays for its bias with ``h + w`` extra query/key columns (and a value padded to match for
+    flash): at 1024 px a global block runs at width 192 instead of 64, three times the attention FLOPs, plus
+    the concatenations. Here the kernel adds ``rel_h[q, k // w] + rel_w[q, k % w]`` to each score as it goes.
+    Forward only: used when nothing needs a gradient through the attention (frozen vision, evaluation).
+    """
+    b, nh, n, _ = q.shape
+    h, w = rel_h.shape[1], rel_h.shape[2]
+    rel_h, rel_w = rel_h.reshape(b, nh, n, h), rel_w.reshape(b, nh, n, w)
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + rel_h[bi, hi, qi, ki // w] + rel_w[bi, hi, qi, ki % w]
+
+    return _compiled_flex_attention()(q, k, v, score_mod=score_mod)
+
+
 class SamAttention(nn.Module):
     """Multi-head attention with decomposed relative positions (height and width), as in SAM / MViTv2."""
 
@@ -117,6 +148,8 @@ class SamAttention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
         # True: the reference formulation with the [B, heads, HW, HW] bias materialised (for tests).
         self.materialize_bias = False
+        # True: FlexAttention on CUDA when no gradient flows through here (model.flex_vision_attention).
+        self.use_flex = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend within each ``[B, H, W, C]`` map (a window or the whole grid)."""
@@ -130,6 +163,8 @@ class SamAttention(nn.Module):
         if self.materialize_bias:
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        elif self.use_flex and q.is_cuda and not (torch.is_grad_enabled() and (q.requires_grad or rel_h.requires_grad)):
+            out = _attention_flex(q, k, v, rel_h, rel_w)
         else:
             out = _attention_with_folded_bias(q, k, v, rel_h, rel_w)
         out = out.transpose(1, 2).reshape(b, h, w, c)
@@ -208,8 +243,10 @@ class SamPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, config.sam_width, kernel_size=p, stride=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, S, S]`` pixels → ``[B, S/p, S/p, C]`` channels-last map."""
-        return self.proj(x).permute(0, 2, 3, 1)
+        """``[B, 3, S, S]`` pixels → ``[B, S/p, S/p, C]`` channels-last map (contiguous)."""
+        # Contiguous once here: a permuted view would make every residual sum after it inherit its strides,
+        # and each LayerNorm and Linear of the trunk copy its input back to contiguous first.
+        return self.proj(x).permute(0, 2, 3, 1).contiguous()
 
 
 class SamEncoder(nn.Module):
